@@ -1,0 +1,141 @@
+"""Mixture of experts: router, experts with sorted dispatch + grouped matmul, load-balancing loss.
+
+Routing matches transformers (qwen-architecture.md §3): router logits in the activation dtype, softmax
+in fp32 over all experts, top-k, optional renormalisation, weights cast back. Token slots are sorted by
+expert so each expert reads one contiguous slice; the matmuls run as one grouped GEMM where the device
+and dtype support it, else as a loop over the experts that actually received tokens (decode touches
+only the experts its tokens route to).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# Below this many token slots per active expert a plain loop of GEMMs is as fast and needs no alignment.
+GROUPED_MM_MIN_SLOTS = 4
+
+
+def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` grouped by expert (sizes ``counts``) times each expert's ``weight[e]`` [out, in]."""
+    active = [e for e, c in enumerate(counts) if c]
+    if _use_grouped_mm(x, weight, len(active)):
+        return _grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            torch.mm(x[start:start + count], weight[e].t(), out=out[start:start + count])
+            start += count
+    return out
+
+
+def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor, active: int) -> bool:
+    if _grouped_mm is None or x.shape[0] < GROUPED_MM_MIN_SLOTS * max(active, 1):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_ids, weights [N, k] -> [N, H] = sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
+        k = expert_ids.shape[1]
+        flat = expert_ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        token_of_slot = order // k
+        counts_t = torch.bincount(flat, minlength=self.num_experts)
+        counts = counts_t.tolist()
+        offsets = counts_t.cumsum(0).to(torch.int32)
+        xs = x[token_of_slot]
+        gate, up = expert_matmul(xs, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
+        ys = expert_matmul(F.silu(gate) * up, self.down_proj, counts, offsets)
+        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
+
+
+class SparseMoE(nn.Module):
+    """Qwen3-MoE block; with ``shared_expert_intermediate_size`` also Qwen2-MoE's gated shared expert."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        if config.has_shared_expert:
+            self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (router logits [N, E], expert ids [N, k], weights [N, k] in x's dtype)."""
+        logits = self.gate(x)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, expert_ids, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, expert_ids, weights = self.route(x)
+        out = self.experts(x, expert_ids, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.view(shape), logits
+
+
+# ---- load-balancing loss ---------------------------------------------------------------------------
+def router_statistics(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], top_k: int,
+                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled over layers: (top-k selections per expert [E], summed router probabilities [E], token rows).
+
+    Sums rather than means, so statistics from several micro-batches and data-parallel ranks can be
+    added (or all-reduced) before forming the loss: Qwen's global-batch balancing.
+    """
+    num_experts = router_logits[0].shape[-1]
+    device = router_logits[0].device
+    selected = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    rows = torch.zeros((), dtype=torch.float32, device=device)
+    mask = None if attention_mask is None else attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    for logits in router_logits:
+        probs = F.softmax(logits, dim=-1)
+        _, chosen = torch.topk(probs, top_k, dim=-1)
+        slot_weight = torch.ones_like(chosen, dtype=torch.float32) if mask is None else mask[:, None].expand_as(chosen)
+        selected = selected.scatter_add(0, chosen.reshape(-1), slot_weight.reshape(-1))
+        probs = probs.float()
+        prob_sum = prob_sum + (probs.sum(0) if mask is None else (probs * mask[:, None]).sum(0))
+        rows = rows + (probs.shape[0] if mask is None else mask.sum())
+    return selected, prob_sum, rows
+
+
+def balancing_loss_from_statistics(selected: torch.Tensor, prob_sum: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """E * sum_e f_e * P_e; equals top_k when the routing is perfectly balanced."""
+    return selected.numel() * torch.sum((selected / rows) * (prob_sum / rows))
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None) -> torch.Tensor:
+    """transformers' ``load_balancing_loss_func`` (router logits from every MoE layer, pooled)."""
+    if not router_logits:
+        return torch.zeros(())
+    assert router_logits[0].shape[-1] == num_experts, "router logits do not match num_experts"
+    return balancing_loss_from_statistics(*router_statistics(router_logits, top_k, attention_mask))

@@ -1,18 +1,10 @@
 """qwenlab: Qwen2.5 / Qwen3 / Qwen3-MoE in one readable PyTorch codebase."""
 
+from .checkpoint import load_model
 from .config import ModelConfig, preset
 from .errors import CheckpointError, ConfigError, QwenlabError, RequestError
 
 __version__ = "0.1.0"
-
-
-def load_model(path, dtype=None, device="cpu", progress=None):
-    """Load a Hugging Face checkpoint directory; see ``qwenlab.checkpoint.load_model``."""
-    import torch
-
-    from .checkpoint import load_model as _load
-
-    return _load(path, dtype=torch.bfloat16 if dtype is None else dtype, device=device, progress=progress)
 
 
 def __getattr__(name):  # heavy parts imported on first use

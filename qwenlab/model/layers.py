@@ -117,8 +117,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, heads, hd]; cos/sin: [B, S, hd] (broadcast over heads)."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    """x: [B, heads, S, hd]; cos/sin: [B, S, hd] or [S, hd] (broadcast over heads)."""
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     return x * cos + rotate_half(x) * sin
 
 
@@ -152,12 +152,9 @@ class PackedAttention:
 
 
 def sdpa(q, k, v, scale: float, is_causal: bool = False, attn_mask=None) -> torch.Tensor:
-    """scaled_dot_product_attention with grouped KV heads (expanded only when the kernel needs it)."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    """scaled_dot_product_attention with grouped KV heads handled by the kernel (no repeated K/V)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -186,8 +183,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        # RoPE after the transpose, as transformers does: the attention kernel then sees the same memory
+        # layout, which keeps bfloat16 results bit-identical to the reference.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = context.attend(self.layer_idx, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
+        out = context.attend(self.layer_idx, q, k, v, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
 

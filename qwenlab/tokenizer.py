@@ -21,8 +21,9 @@ a template gets the official template of its family from ``qwenlab/templates/`` 
 
 Messages are dicts (or pydantic models / dataclasses) with ``role`` and ``content``; as in transformers,
 keys whose value is None are dropped and ``reasoning`` / ``thinking`` are aliased to ``reasoning_content``.
-In addition, content given as a list of OpenAI text parts is joined into one string (with "\\n", as vLLM
-does), since Qwen's templates only take strings.
+Two additions, where transformers would fail with Qwen's templates: content given as a list of OpenAI text
+parts is joined into one string (with "\\n", as vLLM does), and a null or missing content is "" (OpenAI
+clients send ``content: null`` beside ``tool_calls``).
 
 transformers is never imported here; the tests compare against it.
 """
@@ -354,6 +355,9 @@ def normalize_messages(messages: Any, parse_tool_arguments: bool = False) -> lis
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ChatTemplateRenderError(f"message {index} must be an object with a string 'role'")
         message = {k: v for k, v in message.items() if v is not None}
+        # OpenAI clients send content null beside tool_calls; Qwen3's template (and transformers with it)
+        # fails on a missing content, and both templates render "" exactly as they render no content.
+        message.setdefault("content", "")
         if isinstance(message.get("content"), list):
             message["content"] = _join_text_parts(message["content"], index)
         reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)

@@ -196,8 +196,12 @@ class ModelConfig:
                 extra[key] = value
         for key in ("architectures", "transformers_version", "layer_types"):
             extra.pop(key, None)  # regenerated on write
+        if not extra.get("output_router_logits", True):
+            extra.pop("output_router_logits")
         if values.get("num_key_value_heads") is None:
             values["num_key_value_heads"] = values.get("num_attention_heads")
+        if values.get("max_window_layers") == values.get("num_hidden_layers"):
+            values["max_window_layers"] = None  # the default; kept implicit so layer-count overrides follow it
         if values.get("mlp_only_layers") is None:
             values["mlp_only_layers"] = []
         return cls(model_type=model_type, extra=extra, **values).validate()

@@ -84,7 +84,7 @@ def new_tool_call_id() -> str:
 
 def thinking_mode(prompt: str) -> ThinkingMode:
     """The thinking state a rendered prompt leaves the model in, from its last turn (the generation prompt)."""
-    tail = prompt[prompt.rfind("<|im_start|>"):]  # rfind's -1 keeps the last character only: no think tags
+    tail = prompt[max(prompt.rfind("<|im_start|>"), 0):]  # a prompt without ChatML turns counts as one turn
     opened = tail.rfind(THINK_START)
     if opened < 0:
         return "auto"

@@ -135,13 +135,13 @@ def parallelize(model: nn.Module, info: DistInfo, mixed_precision: str = "none",
 # ---- full state dicts (rank 0) for checkpoints --------------------------------------------------------------
 def full_model_state(model: nn.Module, info: DistInfo, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """Unsharded CPU tensors on rank 0 (an empty dict elsewhere). Collective: call on every rank."""
+    if not info.enabled:
+        return {name: p.detach().cpu().clone() for name, p in model.state_dict(keep_vars=True).items()
+                if not trainable_only or p.requires_grad}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    state = get_model_state_dict(model, options=options)
-    if not info.enabled:
-        state = {k: v.detach().cpu().clone() for k, v in state.items()}
-    return state
+    return get_model_state_dict(model, options=options)
 
 
 def full_optimizer_state(model: nn.Module, optimizer, info: DistInfo) -> dict:

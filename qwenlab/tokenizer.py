@@ -128,13 +128,13 @@ class Tokenizer:
         tokenizer_file = directory / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise CheckpointError(f"{directory} has no tokenizer.json")
+        config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+        generation = (_read_json(directory / "generation_config.json")
+                      if (directory / "generation_config.json").is_file() else {})
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as exc:  # the Rust side raises plain Exception on malformed files
             raise CheckpointError(f"cannot read {tokenizer_file}: {exc}") from exc
-        config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
-        generation = (_read_json(directory / "generation_config.json")
-                      if (directory / "generation_config.json").is_file() else {})
         family = _family(directory, backend)
         template, source = _find_template(directory, config, family)
         return cls(backend, tokenizer_config=config, generation_config=generation, chat_template=template,

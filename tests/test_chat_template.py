@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from qwenlab.errors import ConfigError, RequestError
-from qwenlab.tokenizer import ChatTemplateError, ChatTemplateRenderError, Tokenizer, builtin_template
+from qwenlab.tokenizer import ChatTemplateError, ChatTemplateRenderError, Tokenizer, _family, builtin_template
 from tests.tokenizer_fixtures import QWEN25_TEMPLATE, make_checkpoint, ours, qwen3_dir, reference
 
 WEATHER = {"type": "function", "function": {
@@ -216,16 +216,17 @@ count={{ ns.count }} eos={{ eos_token }} pad={{ pad_token }} bos={{ bos_token is
 """
 
 
-def test_template_features_identical_to_transformers(tmp_path):
-    directory = make_checkpoint(tmp_path / "features", template=FEATURES)
-    tok = Tokenizer.from_pretrained(directory)
+def with_template(template) -> Tokenizer:
+    """The Qwen3 tokenizer with another chat template (no need to load the vocabulary again)."""
+    return Tokenizer(ours().backend, tokenizer_config=ours().tokenizer_config, chat_template=template)
+
+
+def test_template_features_identical_to_transformers():
     messages = [SYSTEM, {"role": "user", "content": "  <tag> & “x” é  "}, {"role": "assistant", "content": "y"},
                 {"role": "user", "content": "never rendered"}]
-    from transformers import AutoTokenizer
-
-    expected = AutoTokenizer.from_pretrained(directory).apply_chat_template(
-        copy.deepcopy(messages), tools=TOOLS, tokenize=False, add_generation_prompt=True, custom_var="v")
-    assert tok.apply_chat_template(messages, tools=TOOLS, custom_var="v") == expected
+    expected = reference().apply_chat_template(copy.deepcopy(messages), tools=TOOLS, tokenize=False,
+                                               add_generation_prompt=True, custom_var="v", chat_template=FEATURES)
+    assert with_template(FEATURES).apply_chat_template(messages, tools=TOOLS, custom_var="v") == expected
     assert '"content": "  <tag> & “x” é  "' in expected and "count=2 eos=<|im_end|>" in expected
     assert "<blocks>\n    indented 1\n    indented 3\n</blocks>" in expected  # trim_blocks and lstrip_blocks
 
@@ -238,15 +239,23 @@ def test_chat_template_jinja_file_wins(tmp_path):
     assert tok.template_source.endswith("chat_template.jinja")
 
 
-def test_named_templates_pick_tool_use(tmp_path):
-    named = [{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}]
-    tok = Tokenizer.from_pretrained(make_checkpoint(tmp_path / "named", template=False))
-    tok._chat_templates = {item["name"]: item["template"] for item in named}
+def test_named_templates_pick_tool_use():
+    # tokenizer_config.json may hold a list of named templates; transformers picks "tool_use" with tools.
+    tok = with_template([{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}])
     assert tok.apply_chat_template([USER]) == "D" and tok.apply_chat_template([USER], tools=TOOLS) == "T"
+    with pytest.raises(ChatTemplateError, match="no default"):
+        with_template({"tool_use": "T"}).apply_chat_template([USER])
 
 
 @pytest.mark.parametrize("model_type,family", [("qwen3", "qwen3"), ("qwen3_moe", "qwen3"), ("qwen2", "qwen2.5"),
-                                               ("qwen2_moe", "qwen2.5"), (None, "qwen3")])
+                                               ("qwen2_moe", "qwen2.5"), ("llama", "qwen3"), (None, "qwen3")])
+def test_template_family(tmp_path, model_type, family):
+    if model_type:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert _family(tmp_path, ours().backend) == family
+
+
+@pytest.mark.parametrize("model_type,family", [("qwen2", "qwen2.5"), (None, "qwen3")])
 def test_builtin_template_when_checkpoint_has_none(tmp_path, caplog, model_type, family):
     config = {"model_type": model_type} if model_type else None
     tok = Tokenizer.from_pretrained(make_checkpoint(tmp_path / "bare", template=False, config=config))
@@ -268,29 +277,25 @@ def test_builtin_templates_are_the_official_ones():
         builtin_template("llama")
 
 
-def broken(tmp_path, template: str) -> Tokenizer:
-    return Tokenizer.from_pretrained(make_checkpoint(tmp_path / "broken", template=template))
-
-
-def test_syntax_error_names_the_line(tmp_path):
-    tok = broken(tmp_path, "line one\n{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+def test_syntax_error_names_the_line():
+    tok = with_template("line one\n{% for m in messages %}\n{{ m.content }\n{% endfor %}")
     with pytest.raises(ChatTemplateError, match=r"chat template line 3: .*\(in: \{\{ m.content \}\)") as info:
         tok.apply_chat_template([USER])
     assert isinstance(info.value, ConfigError) and not isinstance(info.value, RequestError)
 
 
-def test_raise_exception_names_the_line(tmp_path):
+def test_raise_exception_names_the_line():
     template = "{% for m in messages %}\n{% if m.role == 'user' %}\n{{ raise_exception('Only assistants here') }}\n{% endif %}{% endfor %}"
     with pytest.raises(ChatTemplateRenderError, match="chat template line 3: Only assistants here"):
-        broken(tmp_path, template).apply_chat_template([USER])
+        with_template(template).apply_chat_template([USER])
 
 
-def test_runtime_error_names_the_line(tmp_path):
+def test_runtime_error_names_the_line():
     template = "ok\n\n{{ messages[0].content.startswith('x') }}\n{{ messages[0].content.nope() }}"
     with pytest.raises(ChatTemplateRenderError, match="chat template line 4"):
-        broken(tmp_path, template).apply_chat_template([USER])
+        with_template(template).apply_chat_template([USER])
     with pytest.raises(ChatTemplateRenderError, match="chat template line 3"):  # Qwen3's .startswith on a number
-        broken(tmp_path, template).apply_chat_template([{"role": "user", "content": 5}])
+        with_template(template).apply_chat_template([{"role": "user", "content": 5}])
 
 
 @pytest.mark.parametrize("template", [
@@ -300,6 +305,6 @@ def test_runtime_error_names_the_line(tmp_path):
     "{{ messages.append(1) }}",  # the sandbox is immutable
     "{{ dict.__class__.__base__.__subclasses__() }}",
 ])
-def test_sandbox_refuses_escapes(tmp_path, template):
+def test_sandbox_refuses_escapes(template):
     with pytest.raises(ChatTemplateRenderError):
-        broken(tmp_path, template).apply_chat_template([USER])
+        with_template(template).apply_chat_template([USER])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.tokenizer_fixtures import make_checkpoint, ours, qwen3_dir, reference, reference_fast
+from tests.tokenizer_fixtures import make_checkpoint, ours, reference, reference_fast
 
 from qwenlab.errors import CheckpointError, ConfigError, QwenlabError, RequestError
 from qwenlab.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -119,17 +118,18 @@ def test_tokens_and_bytes(tok):
     assert tok.token_bytes(151667) == b"<think>" and tok.token_bytes(10**7) == b""
 
 
-def test_eos_ids_from_generation_config(tok, tmp_path):
-    assert tok.eos_token_ids == (151645, 151643)
+def test_eos_ids_from_generation_config(tok):
+    assert tok.eos_token_ids == (151645, 151643)  # read from the checkpoint's generation_config.json
     assert tok.generation_config["top_k"] == 20
-    base = make_checkpoint(tmp_path / "base", generation={"eos_token_id": 151643}, eos_token="<|endoftext|>")
-    assert Tokenizer.from_pretrained(base).eos_token_ids == (151643,)
-    # A chat checkpoint without generation_config.json still stops on both.
-    bare = make_checkpoint(tmp_path / "bare")
-    assert Tokenizer.from_pretrained(bare).eos_token_ids == (151645, 151643)
-    # generation_config's list comes first, the tokenizer's eos is added if missing.
-    odd = make_checkpoint(tmp_path / "odd", generation={"eos_token_id": [151643]})
-    assert Tokenizer.from_pretrained(odd).eos_token_ids == (151643, 151645)
+
+    def eos_ids(generation: dict, eos_token: str = "<|im_end|>") -> tuple[int, ...]:
+        return Tokenizer(tok.backend, tokenizer_config={"eos_token": eos_token},
+                         generation_config=generation).eos_token_ids
+
+    assert eos_ids({"eos_token_id": 151643}, "<|endoftext|>") == (151643,)  # a base model
+    assert eos_ids({}) == (151645, 151643)  # a chat checkpoint without generation_config.json stops on both
+    assert eos_ids({"eos_token_id": [151643]}) == (151643, 151645)  # generation_config's first, then the tokenizer's
+    assert eos_ids({}, eos_token={"content": "<|endoftext|>", "special": True}) == (151643,)  # AddedToken form
 
 
 def test_decode_skips_unknown_ids_and_rejects_negative(tok):
@@ -156,13 +156,13 @@ def test_from_pretrained_errors(tmp_path):
         Tokenizer.from_pretrained(broken)
 
 
-def test_non_byte_level_tokenizer_is_refused(tmp_path):
-    spec = json.loads((qwen3_dir() / "tokenizer.json").read_text())
-    spec["decoder"] = {"type": "Fuse"}
-    make_checkpoint(tmp_path)
-    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+def test_non_byte_level_tokenizer_is_refused():
+    import tokenizers
+
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.decoder = tokenizers.decoders.Fuse()
     with pytest.raises(ConfigError, match="byte-level"):
-        Tokenizer.from_pretrained(tmp_path)
+        Tokenizer(backend, name_or_path="wordpiece-like")
 
 
 # ---- streaming detokenizer -------------------------------------------------------------------------

@@ -26,6 +26,13 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offs
     active = [e for e, c in enumerate(counts) if c]
     if _use_grouped_mm(x, weight, len(active)):
         return _grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # training: mm(out=) has no autograd
+        parts, start = [], 0
+        for e, count in enumerate(counts):
+            if count:
+                parts.append(x[start:start + count] @ weight[e].t())
+                start += count
+        return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
     out = x.new_empty(x.shape[0], weight.shape[1])
     start = 0
     for e, count in enumerate(counts):

@@ -1,0 +1,72 @@
+"""Helpers shared by the engine tests: a logits recorder and a reference check against transformers."""
+
+from __future__ import annotations
+
+import torch
+
+from qwenlab.engine import LLMEngine, SamplingParams
+
+
+class LogitsRecorder:
+    """Wraps the engine's sampler and keeps every logits row it samples from, per (request, index)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.sampler = engine.sampler
+        self.rows: dict[tuple[str, int], list[torch.Tensor]] = {}
+        engine.sampler = self
+
+    def __call__(self, logits, seqs, end_ids=()):
+        for row, seq in zip(logits, seqs):
+            self.rows.setdefault((seq.request_id, seq.index), []).append(row.float().clone())
+        return self.sampler(logits, seqs, end_ids)
+
+
+def make_engine(directory, **kwargs) -> LLMEngine:
+    defaults = dict(dtype="float32", block_size=4, kv_cache_memory=2**21, log_stats=False, seed=0)
+    return LLMEngine(directory, **{**defaults, **kwargs})
+
+
+def run_all(engine: LLMEngine, requests: dict, late: dict | None = None, late_step: int = 3) -> dict:
+    """Add ``requests`` (id -> (prompt ids, params)); ``late`` ones join after ``late_step`` steps."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    finished, step = {}, 0
+    while engine.has_unfinished_requests() or (late and step <= late_step):
+        if late and step == late_step:
+            for rid, (prompt, params) in late.items():
+                engine.add_request(rid, prompt, params)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        step += 1
+    return finished
+
+
+def greedy(max_tokens: int = 12, **kwargs) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
+
+
+def assert_logits_match(hf_model, prompt: list[int], output_ids: list[int], rows: list[torch.Tensor],
+                        rtol: float = 1e-4) -> None:
+    """Each recorded row equals transformers' logits at that position of a full forward, within rtol."""
+    tokens = prompt + output_ids
+    with torch.no_grad():
+        reference = hf_model(torch.tensor([tokens])).logits[0].float()
+    assert len(rows) == len(output_ids), (len(rows), len(output_ids))
+    for i, row in enumerate(rows):
+        ref = reference[len(prompt) - 1 + i]
+        err = (row - ref).abs().max().item() / ref.abs().max().item()
+        assert err <= rtol, f"position {len(prompt) + i}: relative error {err:.2e}"
+
+
+def random_prompts(lengths, vocab: int = 384, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def single_thread():
+    """Tiny models run fastest on one thread, and two pytest workers then share the two cores cleanly."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

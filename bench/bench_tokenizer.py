@@ -1,10 +1,11 @@
 """Encode throughput of qwenlab's tokenizer vs transformers' (Qwen2Tokenizer), same files, same run.
 
-The corpus is multilingual prose, code, emoji and digits cut into documents of about ``--doc-bytes``
-(deterministic). Four workloads per library: each document encoded one call at a time ("single"), and the
-whole list in one batched call ("batch"), over short and long documents. Reports MB/s of UTF-8 input
-(median of ``--repeats`` timed runs after a warm-up, the two libraries alternating) and qwenlab's ratio to transformers; checks that both
-produce the same ids. Writes JSON to bench/results/.
+The corpus is multilingual prose, code, emoji and digits cut into documents of 256 B and 8 KiB
+(deterministic). Two workloads per document size: each document encoded one call at a time ("single"),
+and the whole list in one batched call ("batch"). Reports MB/s of UTF-8 input, the median of
+``--repeats`` timed runs after a warm-up with the two libraries alternating (so both see the same machine
+load), and qwenlab's speed ratio to transformers; checks that both produce the same ids. Writes JSON to
+bench/results/.
 
     .venv/bin/python bench/bench_tokenizer.py --repeats 5
 """

@@ -80,17 +80,29 @@ def byte_decoder() -> dict[str, int]:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return value
+
+
+def _read_optional_json(path: Path) -> dict:
+    return _read_json(path) if path.is_file() else {}
 
 
 # ---- the tokenizer ------------------------------------------------------------------------------
 class Tokenizer:
-    """A Qwen tokenizer: ``tokenizers`` for the BPE, plus chat templates and Qwen's special-token rules."""
+    """A Qwen tokenizer: ``tokenizers`` for the BPE, plus chat templates and Qwen's special-token rules.
+
+    ``from_pretrained`` is the usual way in. The constructor takes a loaded ``tokenizers.Tokenizer``, so one
+    vocabulary can be reused with another template; without ``chat_template`` it uses the family's
+    built-in one.
+    """
 
     def __init__(self, backend, *, tokenizer_config: dict | None = None, generation_config: dict | None = None,
-                 chat_template: str | dict[str, str] | None = None, template_source: str | None = None,
+                 chat_template: str | dict[str, str] | list | None = None, template_source: str | None = None,
                  family: str = "qwen3", name_or_path: str = ""):
         import tokenizers
 
@@ -111,9 +123,11 @@ class Tokenizer:
         self.pad_token = _token_text(self.tokenizer_config.get("pad_token"))
         self.unk_token = _token_text(self.tokenizer_config.get("unk_token"))
         self.eos_token_ids = self._eos_ids()
+        if chat_template is None:
+            chat_template, template_source = builtin_template(family), f"built-in {family} template"
         self._chat_templates = _named_templates(chat_template)
-        self.template_source = template_source or "built-in"
-        self._fallback_notice_pending = template_source is not None and template_source.startswith("built-in")
+        self.template_source = template_source or "given template"
+        self._fallback_notice_pending = self.template_source.startswith("built-in")
         self._byte_cache: dict[int, bytes] = {}
 
     # ---- loading --------------------------------------------------------------------------------
@@ -128,9 +142,8 @@ class Tokenizer:
         tokenizer_file = directory / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise CheckpointError(f"{directory} has no tokenizer.json")
-        config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
-        generation = (_read_json(directory / "generation_config.json")
-                      if (directory / "generation_config.json").is_file() else {})
+        config = _read_optional_json(directory / "tokenizer_config.json")
+        generation = _read_optional_json(directory / "generation_config.json")
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as exc:  # the Rust side raises plain Exception on malformed files
@@ -192,7 +205,7 @@ class Tokenizer:
         return cached
 
     def _compute_token_bytes(self, token_id: int) -> bytes:
-        token = self.backend.id_to_token(token_id) if token_id >= 0 else None
+        token = self.backend.id_to_token(token_id) if 0 <= token_id < 2**32 else None
         if token is None:
             return b""
         if token_id in self.added_ids:
@@ -231,7 +244,7 @@ class Tokenizer:
     @property
     def chat_template(self) -> str:
         """The default template's source (the checkpoint's own, or the family's built-in one)."""
-        return self._chat_templates["default"]
+        return self._chat_templates.get("default") or next(iter(self._chat_templates.values()))
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None,
                             add_generation_prompt: bool = True, enable_thinking: bool | None = None, *,
@@ -288,9 +301,7 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _named_templates(template: str | dict[str, str] | list | None) -> dict[str, str]:
-    if template is None:
-        return {}
+def _named_templates(template: str | dict[str, str] | list) -> dict[str, str]:
     if isinstance(template, str):
         return {"default": template}
     if isinstance(template, list):  # tokenizer_config's [{"name": ..., "template": ...}, ...] form
@@ -392,6 +403,8 @@ def _parse_arguments(call: Any) -> Any:
         arguments = json.loads(function["arguments"])
     except json.JSONDecodeError:
         return call  # not JSON: render the string as given
+    if not isinstance(arguments, dict):
+        return call  # only objects are what templates expect as arguments
     return {**call, "function": {**function, "arguments": arguments}}
 
 

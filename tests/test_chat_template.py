@@ -269,6 +269,11 @@ def test_builtin_template_when_checkpoint_has_none(tmp_path, caplog, model_type,
     assert first == reference_prompt(reference_kind, [USER], tools=TOOLS, add_generation_prompt=True)
 
 
+def test_constructor_without_template_uses_the_family_one():
+    tok = Tokenizer(ours().backend, tokenizer_config=ours().tokenizer_config, family="qwen2.5")
+    assert tok.template_source == "built-in qwen2.5 template" and "You are Qwen" in tok.apply_chat_template([USER])
+
+
 def test_builtin_templates_are_the_official_ones():
     official_qwen3 = json.loads((qwen3_dir() / "tokenizer_config.json").read_text())["chat_template"]
     assert builtin_template("qwen3") == official_qwen3

@@ -217,6 +217,8 @@ def test_incremental_detokenizer_holds_split_characters(tok):
 def test_incremental_detokenizer_rejects_bad_ids(tok):
     with pytest.raises(RequestError):
         tok.incremental_detokenizer().add(-5)
+    detok = tok.incremental_detokenizer()
+    assert detok.add(2**40) == "" and detok.add(14990) == "hello"  # unknown ids carry no text, as in decode
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))

@@ -70,3 +70,36 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+class ScriptedSampler:
+    """Replaces the engine's sampler: each request 'samples' the tokens of its script, then ``end``.
+
+    Lets tests drive the engine's text handling (stop strings, thinking budget, parsing) with exact
+    token sequences while the model still runs every step.
+    """
+
+    def __init__(self, engine: LLMEngine, scripts: dict[str, list[int]] | None = None, end: int | None = None):
+        self.scripts = scripts or {}
+        self.default: list[int] = []
+        self.end = end if end is not None else (engine.end_token_ids[0] if engine.end_token_ids else 0)
+        engine.sampler = self
+
+    def __call__(self, logits, seqs, end_ids=()):
+        tokens = []
+        for seq in seqs:
+            script = self.scripts.get(seq.request_id, self.default)
+            done = seq.num_output_tokens
+            tokens.append(script[done] if done < len(script) else self.end)
+        return tokens, [None] * len(seqs)
+
+
+def tokenizer_checkpoint(directory, generation: dict | None = None, **overrides):
+    """A tiny Qwen3 model with the real Qwen3 tokenizer (vocab 151936, hidden 32, tied embeddings)."""
+    from tests.conftest import qwenlab_checkpoint
+    from tests.tokenizer_fixtures import QWEN3_GENERATION, make_checkpoint
+
+    shape = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, max_position_embeddings=2048)
+    path = qwenlab_checkpoint(directory, preset="qwen3-0.6b", **{**shape, **overrides})
+    return make_checkpoint(path, generation=QWEN3_GENERATION if generation is None else generation)

@@ -25,6 +25,17 @@ Each ``Delta`` carries exactly one of ``reasoning_content``, ``content`` or ``to
 streams as OpenAI streams it: first a ``ToolCallDelta`` with ``index``, ``id`` ("call_<hex>") and
 ``name`` (and ``arguments=""``), then deltas of the same ``index`` with argument text only.
 
+Typical use in an engine or server: render the prompt, derive the thinking state from it, and feed the
+parser the detokenizer's deltas (``skip_special_tokens=True`` is fine: <think> and <tool_call> are not
+special tokens; the stop token itself should not be fed)::
+
+    prompt = tokenizer.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking)
+    parser = StreamParser(thinking_mode(prompt), tools=bool(tools) and tool_choice != "none")
+    detok = tokenizer.incremental_detokenizer(skip_special_tokens=True)
+    for token_id in generated:                            # without the final eos id
+        deltas = parser.feed(detok.add(token_id))
+    deltas = parser.feed(detok.finish()) + parser.finish()
+
 The parser must know the request's thinking state (``thinking``); ``thinking_mode(prompt)`` reads it from
 the rendered prompt:
 
@@ -42,12 +53,14 @@ Rules (identical for finished text and streams):
   ``</think>`` loses its leading newlines. A field with no text is None.
 * With ``tools=True``, each ``<tool_call>…</tool_call>`` block whose body is a JSON object with a
   non-empty string ``name`` becomes a tool call; ``arguments`` is the model's own text of the
-  arguments object (or the string it gave, or "{}" if none). Missing or extra closing braces after the
+  arguments object (re-serialised only if it came before the name; the string itself if the model gave a
+  string; "{}" if none). Missing or extra closing braces after the
   arguments are forgiven; a block that is not JSON stays in the text, verbatim, and nothing raises.
   A second ``<tool_call>`` before ``</tool_call>`` closes the first. An unclosed block at the very end
   counts if its JSON is complete.
 * A tool call inside the thinking (before ``</think>``) is still a tool call; the text around it stays
-  reasoning. Whitespace between text and tool calls, and after the last one, is dropped.
+  reasoning. Whitespace around tool calls is dropped (the run before a call is kept as a separator
+  when text continues after the call).
 * With ``tools=False``, tool-call markup is ordinary text.
 
 ``parse_output`` and ``StreamParser`` share one state machine, so their results agree however the text
@@ -310,6 +323,8 @@ class StreamParser:
         self._buf = ""
         self._lstrip: str | None | bool = _NEWLINES if thinking == "started" else False  # False: keep
         self._separator = ""  # whitespace dropped before a tool call, restored if text follows it
+        self._pending_space = ""  # the whitespace before the tool call being read
+        self._origin = "content"  # the state a tool call returns to
         self._out: list[Delta] = []
         self._all: list[Delta] = []
         self._wrote = {"reasoning": False, "content": False}
@@ -452,8 +467,7 @@ class StreamParser:
             status = _FAIL
         self._header = status
         if status == "match":
-            self._call_id = self._new_id()
-            self._out.append(Delta(tool_call=ToolCallDelta(self._tool_count, self._call_id, name)))
+            self._out.append(Delta(tool_call=ToolCallDelta(self._tool_count, self._new_id(), name)))
             self._args_at = start
             self._object_end = _ObjectEnd()
 

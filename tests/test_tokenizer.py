@@ -232,3 +232,9 @@ def test_errors_are_qwenlab_errors():
 
     assert issubclass(ChatTemplateError, ConfigError) and issubclass(ChatTemplateRenderError, RequestError)
     assert issubclass(ChatTemplateRenderError, QwenlabError)
+
+
+def test_exported_from_the_package():
+    import qwenlab
+
+    assert qwenlab.Tokenizer is Tokenizer

@@ -132,17 +132,17 @@ def test_chat_stream_raw_sse_ends_with_done(http):
 
 
 def test_chat_n_and_seed(client):
-    kwargs = dict(model=MODEL, messages=user("Pick words"), max_tokens=6, temperature=1.0, top_p=1.0, n=3,
+    kwargs = dict(model=MODEL, messages=user("Pick words"), max_tokens=4, temperature=1.0, top_p=1.0, n=2,
                   extra_body={"top_k": -1})
     a = client.chat.completions.create(**kwargs, seed=1234)
     b = client.chat.completions.create(**kwargs, seed=1234)
     c = client.chat.completions.create(**kwargs, seed=99)
     texts = lambda r: [ch.message.content for ch in sorted(r.choices, key=lambda ch: ch.index)]  # noqa: E731
-    assert [ch.index for ch in a.choices] == [0, 1, 2]
+    assert [ch.index for ch in a.choices] == [0, 1]
     assert texts(a) == texts(b)
     assert texts(a) != texts(c)
     assert len(set(texts(a))) > 1  # the n completions are not copies of each other
-    assert 3 <= a.usage.completion_tokens <= 18
+    assert 2 <= a.usage.completion_tokens <= 8
 
 
 def test_chat_n_streaming_indexes(client):

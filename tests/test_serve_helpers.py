@@ -10,10 +10,14 @@ engine step fail. Test modules import the fixtures below.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,6 +80,8 @@ class ServerProcess:
         return self.log.read_text(errors="replace")[-5000:]
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(15)
@@ -85,23 +91,35 @@ class ServerProcess:
         self.handle.close()
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("serve") / "tiny-qwen3")
+# Several test modules import these fixtures, and pytest would then set a session fixture up once per
+# module; the model and the server are therefore built once per process here and torn down at exit.
+@functools.cache
+def _shared_model_dir() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="qwenlab-serve-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return build_model(root / "tiny-qwen3")
 
 
-@pytest.fixture(scope="session")
-def server(model_dir, tmp_path_factory):
-    proc = ServerProcess(["--model", str(model_dir), "--served-model-name", MODEL, "--api-key", API_KEY,
+@functools.cache
+def _shared_server() -> ServerProcess:
+    directory = _shared_model_dir()
+    proc = ServerProcess(["--model", str(directory), "--served-model-name", MODEL, "--api-key", API_KEY,
                           "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "8MiB",
                           "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE),
-                          "--max-body-size", str(MAX_BODY), "--test-hooks"],
-                         tmp_path_factory.mktemp("serve-log") / "server.log")
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+                          "--max-body-size", str(MAX_BODY), "--test-hooks"], directory.parent / "server.log")
+    atexit.register(proc.stop)
+    proc.wait_ready()
+    return proc
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return _shared_model_dir()
+
+
+@pytest.fixture(scope="session")
+def server() -> ServerProcess:
+    return _shared_server()
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,10 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
-            self._execute(command)
+            try:
+                self._execute(command)
+            except Exception:  # noqa: BLE001 - the loop must outlive any one command
+                logger.exception("engine command %s failed", command[0])
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:

@@ -75,17 +75,18 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     return measured_matmul_flops(dtype)
 
 
-def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
-    """Best-of-``repeats`` rate of an n x n matmul on this CPU (all threads): the 'peak' CPU MFU refers to."""
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 512, budget_s: float = 0.3) -> float:
+    """Best rate of an n x n matmul on this CPU (all threads) within a small time budget: what CPU MFU
+    refers to (CPUs have no published peak we could look up)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
+    best, spent = float("inf"), 0.0
+    while spent < budget_s:
         start = time.perf_counter()
-        for _ in range(4):
-            torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 4 * 2 * n**3 / best
+        torch.mm(a, b)
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return 2 * n**3 / best
 
 
 # ---- model ---------------------------------------------------------------------------------------------------
@@ -117,6 +118,57 @@ def _grad_norm(model, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
+
+
+class StepLoss:
+    """The loss of one optimizer step, one micro-batch at a time (see losses.py for the normalisation)."""
+
+    def __init__(self, config: ModelConfig, moe, rows: Rows, all_reduce, device):
+        self.config, self.moe_cfg, self.all_reduce, self.device = config, moe, all_reduce, device
+        self.moe_layers = count_moe_layers(config)
+        self.targets = max(1, int((rows.labels != IGNORE_INDEX).sum()))
+        self.total_rows = max(1, int(rows.valid.sum())) * max(1, self.moe_layers)
+        self.aux_coef = config.router_aux_loss_coef if moe.aux_coef is None else moe.aux_coef
+        self.tracker = None
+        if self.moe_layers and moe.balance != "none":
+            self.tracker = BalanceTracker(moe.balance, config.num_experts, config.num_experts_per_tok,
+                                          self.total_rows, all_reduce, device)
+        self.ce = torch.zeros((), device=device)
+        self.z = torch.zeros((), device=device)
+
+    def micro_batch(self, model, rows: Rows) -> torch.Tensor:
+        """Forward one micro-batch; returns its share of the step loss (backward it)."""
+        batch = rows.to_torch(self.device)
+        labels = batch["labels"].reshape(-1)
+        index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        moe = self.moe_layers > 0
+        out = model(batch["input_ids"], positions=batch["positions"], context=DocumentAttention(batch["doc_ids"]),
+                    logits_indices=index, output_router_logits=moe)
+        ce = cross_entropy_sum(out.logits if moe else out, labels[index])
+        loss = ce / self.targets
+        if self.tracker is not None:
+            loss = loss + self.aux_coef * self.tracker.loss(out.router_logits, batch["valid"])
+        if moe and self.moe_cfg.z_loss_coef > 0:
+            z = router_z_sum(out.router_logits, batch["valid"]) / self.total_rows
+            loss = loss + self.moe_cfg.z_loss_coef * z
+            self.z += z.detach()
+        self.ce += ce.detach()
+        return loss
+
+    def finish(self) -> dict:
+        """Step metrics, reduced over ranks. Collective: every rank calls it."""
+        totals = self.all_reduce(torch.stack([self.ce, self.z]))
+        ce = float(totals[0]) / self.targets
+        metrics = {"loss": ce, "ce": ce, "targets": self.targets}
+        if self.tracker is not None:
+            aux, selected = self.tracker.finish()
+            metrics["aux"] = aux
+            metrics["loss"] += self.aux_coef * aux
+            metrics.update(expert_load_summary(selected))
+        if self.moe_layers and self.moe_cfg.z_loss_coef > 0:
+            metrics["z_loss"] = float(totals[1])
+            metrics["loss"] += self.moe_cfg.z_loss_coef * float(totals[1])
+        return metrics
 
 
 class Trainer:
@@ -369,50 +421,16 @@ class Trainer:
         info, model, mcfg = self.info, self.model, self.model.config
         W = info.world_size
         micro, accum = stage.micro_rows(W), stage.grad_accum(W)
-        targets = max(1, int((rows.labels != IGNORE_INDEX).sum()))
-        moe = self.moe_layers > 0
-        moe_cfg = self.config.moe
-        aux_coef = mcfg.router_aux_loss_coef if moe_cfg.aux_coef is None else moe_cfg.aux_coef
-        total_rows = max(1, int(rows.valid.sum())) * max(1, self.moe_layers)
-        all_reduce = lambda t: D.all_reduce_sum(t, info)  # noqa: E731
-        tracker = BalanceTracker(moe_cfg.balance, mcfg.num_experts, mcfg.num_experts_per_tok, total_rows, all_reduce,
-                                 info.device) if moe and moe_cfg.balance != "none" else None
-        ce_total = torch.zeros((), device=info.device)
-        z_total = torch.zeros((), device=info.device)
+        step_loss = StepLoss(mcfg, self.config.moe, rows, lambda t: D.all_reduce_sum(t, info), info.device)
         for m in range(accum):
             first = (m * W + info.rank) * micro
-            batch = rows.slice(first, first + micro).to_torch(info.device)
-            labels = batch["labels"].reshape(-1)
-            index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
             with self._autocast():
-                out = model(batch["input_ids"], positions=batch["positions"], context=DocumentAttention(batch["doc_ids"]),
-                            logits_indices=index, output_router_logits=moe)
-                logits = out.logits if moe else out
-                ce = cross_entropy_sum(logits, labels[index])
-                loss = ce / targets
-                if tracker is not None:
-                    loss = loss + aux_coef * tracker.loss(out.router_logits, batch["valid"])
-                if moe and moe_cfg.z_loss_coef > 0:
-                    z = router_z_sum(out.router_logits, batch["valid"]) / total_rows
-                    loss = loss + moe_cfg.z_loss_coef * z
-                    z_total += z.detach()
+                loss = step_loss.micro_batch(model, rows.slice(first, first + micro))
             (loss * W).backward()
-            ce_total += ce.detach()
         grad_norm = _grad_norm(model, stage.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        totals = D.all_reduce_sum(torch.stack([ce_total, z_total]), info)
-        ce_mean = float(totals[0]) / targets
-        metrics = {"loss": ce_mean, "ce": ce_mean, "grad_norm": round(grad_norm, 6), "targets": targets}
-        if tracker is not None:
-            aux, selected = tracker.finish()
-            metrics["aux"] = aux
-            metrics["loss"] += aux_coef * aux
-            metrics.update(expert_load_summary(selected))
-        if moe and moe_cfg.z_loss_coef > 0:
-            metrics["z_loss"] = float(totals[1])
-            metrics["loss"] += moe_cfg.z_loss_coef * float(totals[1])
-        return metrics
+        return {**step_loss.finish(), "grad_norm": round(grad_norm, 6)}
 
     # ---- held-out perplexity ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,88 @@
+"""CPU bf16 kernels against float32 references, and a bf16 engine running on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenlab.engine import kernels
+from qwenlab.engine.attention import gather_decode_attention
+from qwenlab.model.moe import Experts
+from tests.conftest import hf_checkpoint
+from tests.test_engine_helpers import LogitsRecorder, greedy, make_engine, random_prompts, run_all, single_thread
+
+_threads = pytest.fixture(autouse=True)(single_thread)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    module = kernels.load()
+    if module is None:
+        pytest.skip("CPU kernels unavailable here (no AVX2/FMA or no C++ compiler)")
+    return module
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 64, 40), (2, 72, 13), (3, 100, 9), (5, 64, 33), (7, 13, 5), (40, 96, 70)])
+def test_linear_bf16(ops, M, K, N):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    bias = torch.randn(N, generator=g)
+    x = torch.randn(2, M, K, generator=g)
+    expected = F.linear(x, w.float(), bias)
+    got = ops.linear_bf16(x, w, bias)
+    assert got.shape == (2, M, N) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    got16 = ops.linear_bf16(x.bfloat16(), w, None)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), F.linear(x.bfloat16().float(), w.float()), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention(ops, cache_dtype):
+    g = torch.Generator().manual_seed(0)
+    blocks, bs, kv_heads, heads, dim = 20, 4, 2, 6, 40
+    k_cache = torch.randn(blocks, bs, kv_heads, dim, generator=g).to(cache_dtype)
+    v_cache = torch.randn(blocks, bs, kv_heads, dim, generator=g).to(cache_dtype)
+    tables = torch.tensor([[3, 7, 1, 0], [9, 2, 0, 0], [5, 6, 8, 11]], dtype=torch.int32)
+    lens = torch.tensor([10, 5, 16], dtype=torch.int32)
+    q = torch.randn(3, heads, dim, generator=g)
+    expected = gather_decode_attention(q, k_cache.float(), v_cache.float(), tables, lens, 0.3)
+    torch.testing.assert_close(ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.3), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_moe_experts(ops):
+    g = torch.Generator().manual_seed(1)
+    experts = Experts(6, 24, 10)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(6, 20, 24, generator=g) * 0.3)
+        experts.down_proj.copy_(torch.randn(6, 24, 10, generator=g) * 0.3)
+    experts = experts.bfloat16()
+    x = torch.randn(5, 24, generator=g)
+    ids = torch.tensor([[0, 3], [3, 5], [1, 0], [5, 2], [3, 4]])
+    weights = torch.rand(5, 2, generator=g)
+    with torch.no_grad():
+        expected = experts.float()(x, ids, weights)
+    experts = experts.bfloat16()
+    got = ops.moe_experts_bf16(x, ids, weights, experts.gate_up_proj, experts.down_proj)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2_moe"])
+def test_bf16_engine_on_kernels_tracks_float32(ops, family, tmp_path):
+    """bf16 weights through the kernels: logits close to a float32 forward of the same bf16 weights."""
+    directory, hf = hf_checkpoint(family, tmp_path / family, seed=2, initializer_range=0.1)
+    engine = make_engine(directory, dtype="bfloat16", use_kernels=True)
+    assert any(type(m) is kernels.KernelLinear for m in engine.model.modules())
+    recorder = LogitsRecorder(engine)
+    prompts = random_prompts([7, 19], seed=3)
+    finished = run_all(engine, {f"r{i}": (p, greedy(6)) for i, p in enumerate(prompts)})
+    reference = hf.bfloat16().float()
+    for i, prompt in enumerate(prompts):
+        ids = finished[f"r{i}"].outputs[0].token_ids
+        with torch.no_grad():
+            ref = reference(torch.tensor([prompt + ids])).logits[0]
+        for j, row in enumerate(recorder.rows[(f"r{i}", 0)]):
+            expected = ref[len(prompt) - 1 + j]
+            assert (row - expected).abs().max() / expected.abs().max() < 0.05

@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from ..errors import QwenlabError, RequestError
 from .logits import Forced
+from ..parsing import thinking_mode
 from .metrics import Metrics
 from .protocol import (
     APIError,
@@ -206,9 +207,12 @@ class Job:
         self.first_token_seen = False
         self.closed = False
 
+    def reserve(self, num_prompts: int) -> None:
+        """Admission against the bounded queue (429 when full); given back by close()."""
+        self.server.admit(num_prompts * self.n)
+        self.admitted = num_prompts * self.n
+
     async def start(self, prompts: list[list[int]], params, logit_bias, forced) -> None:
-        self.server.admit(len(prompts) * self.n)
-        self.admitted = len(prompts) * self.n
         for i, ids in enumerate(prompts):
             request_id = f"{self.base_id}-{i}"
             self.unfinished.add(request_id)
@@ -473,28 +477,27 @@ class Routes:
         req = validate(ChatCompletionRequest, await read_json(request, s.config.max_body_bytes))
         s.check_model(req.model)
         bias, forced = self._common(req)
-        choice = req.effective_tool_choice()
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and choice != "none" else None
-        prompt_text = await asyncio.to_thread(render_chat, s.engine.tokenizer, req.messages, tools,
-                                              req.chat_template_kwargs, True)
-        from ..parsing import thinking_mode
-
-        thinking = thinking_mode(prompt_text)
-        prefill = tool_prefill(choice, thinking)
-        ids = await asyncio.to_thread(s.engine.tokenizer.encode, prompt_text + prefill)
-        max_tokens = req.max_new_tokens()
-        s.check_context(len(ids), max_tokens, "messages")
-        params = sampling_params(req, max_tokens, req.num_logprobs(), thinking_budget=req.thinking_budget)
         job = Job(s, new_id("chatcmpl"), req.n, arrival)
-        chat = ChatRun(s, job, req, thinking, tools is not None, prefill, len(ids))
+        job.reserve(1)  # before any work: a full server answers 429 cheaply
         try:
+            choice = req.effective_tool_choice()
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and choice != "none" else None
+            prompt_text = await asyncio.to_thread(render_chat, s.engine.tokenizer, req.messages, tools,
+                                                  req.chat_template_kwargs, True)
+            thinking = thinking_mode(prompt_text)
+            prefill = tool_prefill(choice, thinking)
+            ids = await asyncio.to_thread(s.engine.tokenizer.encode, prompt_text + prefill)
+            max_tokens = req.max_new_tokens()
+            s.check_context(len(ids), max_tokens, "messages")
+            params = sampling_params(req, max_tokens, req.num_logprobs(), thinking_budget=req.thinking_budget)
+            run = ChatRun(s, job, req, thinking, tools is not None, prefill, len(ids))
             await job.start([ids], params, bias, forced)
         except BaseException:
             job.close()
             raise
         if req.stream:
-            return StreamingResponse(chat.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
-        return await gather_or_abort(request, job, chat.collect())
+            return StreamingResponse(run.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return await gather_or_abort(request, job, run.collect())
 
     async def completions(self, request: Request) -> Response:
         s = self.server
@@ -503,24 +506,25 @@ class Routes:
         s.check_model(req.model)
         bias, forced = self._common(req)
         prompts = req.prompts()
-        tok = s.engine.tokenizer
-        ids_list, texts = [], []
-        for p in prompts:
-            if isinstance(p, str):
-                ids_list.append(await asyncio.to_thread(tok.encode, p))
-                texts.append(p)
-            else:
-                s.check_token_ids(p, "prompt")
-                ids_list.append(list(p))
-                texts.append(tok.decode(p) if req.echo else "")
-        for ids in ids_list:
-            if not ids:
-                raise APIError(400, "prompt must not be empty", param="prompt")
-            s.check_context(len(ids), req.max_tokens, "prompt")
-        params = sampling_params(req, req.max_tokens, req.logprobs)
         job = Job(s, new_id("cmpl"), req.n, arrival)
-        run = CompletionRun(s, job, req, ids_list, texts)
+        job.reserve(len(prompts))
         try:
+            tok = s.engine.tokenizer
+            ids_list, texts = [], []
+            for p in prompts:
+                if isinstance(p, str):
+                    ids_list.append(await asyncio.to_thread(tok.encode, p))
+                    texts.append(p)
+                else:
+                    s.check_token_ids(p, "prompt")
+                    ids_list.append(list(p))
+                    texts.append(tok.decode(p) if req.echo else "")
+            for ids in ids_list:
+                if not ids:
+                    raise APIError(400, "prompt must not be empty", param="prompt")
+                s.check_context(len(ids), req.max_tokens, "prompt")
+            params = sampling_params(req, req.max_tokens, req.logprobs)
+            run = CompletionRun(s, job, req, ids_list, texts)
             await job.start(ids_list, params, bias, forced)
         except BaseException:
             job.close()

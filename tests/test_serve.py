@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.test_serve_helpers import (  # noqa: F401 - fixtures
-    API_KEY, MAX_MODEL_LEN, MODEL, client, http, metrics, model_dir, server, sse_events, user, wait_idle,
+    MAX_MODEL_LEN, MODEL, client, http, metrics, server, sse_events, user, wait_idle,
 )
 
 TOOLS = [{"type": "function", "function": {

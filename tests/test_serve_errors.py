@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.test_serve_helpers import (  # noqa: F401 - fixtures
-    API_KEY, MAX_BODY, MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_QUEUE, MODEL, client, http, metrics, model_dir, server,
+    API_KEY, MAX_BODY, MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_QUEUE, MODEL, client, http, metrics, server,
     sse_events, user, wait_idle,
 )
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import QwenlabError, RequestError
+from ..errors import QwenlabError
 from .logits import Forced
 from ..parsing import thinking_mode
 from .metrics import Metrics
@@ -188,7 +188,6 @@ class Server:
 @dataclass
 class ChoiceState:
     index: int
-    prefix: str = ""  # text the prompt already wrote for it (tool-call prefill), parsed as output
     token_count: int = 0
     logprob_count: int = 0
     first_token_at: float | None = None
@@ -608,7 +607,7 @@ class ChatRun:
         self.thinking, self.tools, self.prefill, self.num_prompt = thinking, tools, prefill, num_prompt
         self.created = int(time.time())
         self.model = server.config.model_name
-        self.choices = [ChoiceState(i, prefix=prefill) for i in range(req.n)]
+        self.choices = [ChoiceState(i) for i in range(req.n)]
 
     def _logprob_entries(self, logprobs) -> list[dict]:
         tok = self.server.engine.tokenizer

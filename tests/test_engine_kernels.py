@@ -86,3 +86,19 @@ def test_bf16_engine_on_kernels_tracks_float32(ops, family, tmp_path):
         for j, row in enumerate(recorder.rows[(f"r{i}", 0)]):
             expected = ref[len(prompt) - 1 + j]
             assert (row - expected).abs().max() / expected.abs().max() < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_rounds_like_transformers(ops, dtype):
+    from qwenlab.model.layers import RMSNorm
+
+    norm = RMSNorm(48, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 48) * 3).to(dtype)
+    expected = norm(x)
+    got = ops.rms_norm(x, norm.weight, 1e-6)
+    assert got.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 8e-3  # one bf16 rounding step at most
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)

@@ -11,7 +11,8 @@ so a weight byte is read from memory exactly once per step:
 * ``paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)``: one query per
   sequence attends to its blocks in place (no gather copy), float or bf16 cache;
 * ``moe_experts_bf16(x, expert_ids, weights, gate_up, down)``: SwiGLU experts for a few tokens, reading
-  only the experts they route to.
+  only the experts they route to;
+* ``rms_norm(x, weight, eps)``: transformers' RMSNorm (and its roundings) in one call instead of seven ops.
 
 ``load()`` compiles (about a minute, once; cached by torch in ~/.cache/torch_extensions) and returns None
 when the CPU lacks AVX2/FMA, no compiler works, or ``QWENLAB_KERNELS=0``: the engine then runs stock
@@ -27,6 +28,7 @@ import os
 import torch
 from torch import nn
 
+from ..model.layers import RMSNorm
 from ..model.moe import Experts
 
 logger = logging.getLogger("qwenlab.engine")
@@ -86,28 +88,57 @@ inline void dot_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw
     }
 }
 
-// out[m, n0:n1] (float, row stride N) = x[m, :] . w[n, :] for every m < M.
-template <int MT, int NT>
-void rows_range(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, float* out,
-                int64_t N) {
+inline void store(float* dst, float v) { *dst = v; }
+inline void store(uint16_t* dst, float v) { *dst = to_bf16(v); }
+
+// out[m, n0:n1] (row stride N) = x[m, :] . w[n, :] (+ bias[n]) for every m < M; OutT float or bf16.
+template <int MT, int NT, typename OutT>
+void rows_range(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, OutT* out,
+                int64_t N, const float* bias) {
+  float tile[MT * NT];
+  auto emit = [&](int64_t m, int64_t n, int mt, int nt) {
+    for (int i = 0; i < mt; i++)
+      for (int j = 0; j < nt; j++) store(out + (m + i) * N + n + j, tile[i * nt + j] + (bias ? bias[n + j] : 0.f));
+  };
   int64_t n = n0;
   for (; n + NT <= n1; n += NT) {
     int64_t m = 0;
-    for (; m + MT <= M; m += MT) dot_tile<MT, NT>(x + m * K, K, w + n * K, K, K, out + m * N + n, N);
-    for (; m < M; m++) dot_tile<1, NT>(x + m * K, K, w + n * K, K, K, out + m * N + n, N);
+    for (; m + MT <= M; m += MT) {
+      dot_tile<MT, NT>(x + m * K, K, w + n * K, K, K, tile, NT);
+      emit(m, n, MT, NT);
+    }
+    for (; m < M; m++) {
+      dot_tile<1, NT>(x + m * K, K, w + n * K, K, K, tile, NT);
+      emit(m, n, 1, NT);
+    }
   }
   for (; n < n1; n++)
-    for (int64_t m = 0; m < M; m++) dot_tile<1, 1>(x + m * K, K, w + n * K, K, K, out + m * N + n, N);
+    for (int64_t m = 0; m < M; m++) {
+      dot_tile<1, 1>(x + m * K, K, w + n * K, K, K, tile, 1);
+      emit(m, n, 1, 1);
+    }
 }
 
-void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* out) {
+template <typename OutT>
+void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, OutT* out,
+               const float* bias = nullptr) {
   constexpr int64_t BLOCK = 16;
   at::parallel_for(0, (N + BLOCK - 1) / BLOCK, 1, [&](int64_t b0, int64_t b1) {
     int64_t n0 = b0 * BLOCK, n1 = std::min(N, b1 * BLOCK);
-    if (M == 1) rows_range<1, 8>(x, M, K, w, n0, n1, out, N);
-    else if (M == 2) rows_range<2, 6>(x, M, K, w, n0, n1, out, N);
-    else rows_range<3, 4>(x, M, K, w, n0, n1, out, N);
+    if (M == 1) rows_range<1, 8>(x, M, K, w, n0, n1, out, N, bias);
+    else if (M == 2) rows_range<2, 6>(x, M, K, w, n0, n1, out, N, bias);
+    else rows_range<3, 4>(x, M, K, w, n0, n1, out, N, bias);
   });
+}
+
+// A float copy of x ([M, K], float or bf16, contiguous), or x itself when already float.
+const float* as_float(const torch::Tensor& x, std::vector<float>& buffer) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "expected float32 or bfloat16 activations");
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  buffer.resize(x.numel());
+  for (int64_t i = 0; i < x.numel(); i++) buffer[i] = to_f(src[i]);
+  return buffer.data();
 }
 
 }  // namespace
@@ -118,14 +149,56 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   const int64_t K = w.size(1), N = w.size(0);
   TORCH_CHECK(x.size(-1) == K, "x and w disagree on K");
   auto sizes = x.sizes().vec();
-  auto xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
-  auto out = torch::empty({M, N}, xf.options());
-  gemm_bf16(xf.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), N,
-            out.data_ptr<float>());
-  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  std::vector<float> xbuf, bbuf;
+  const float* xp = as_float(x2, xbuf);
+  const float* bp = nullptr;
+  torch::Tensor bias_f;
+  if (bias.has_value()) {
+    bias_f = bias->to(at::kFloat).contiguous();
+    bp = bias_f.data_ptr<float>();
+  }
   sizes.back() = N;
-  return out.to(x.scalar_type()).view(sizes);
+  auto out = torch::empty(sizes, x.options());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  if (x.scalar_type() == at::kBFloat16)
+    gemm_bf16(xp, M, K, wp, N, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), bp);
+  else
+    gemm_bf16(xp, M, K, wp, N, out.data_ptr<float>(), bp);
+  return out;
+}
+
+// transformers' RMSNorm: statistics in float, normalised value rounded to x's dtype, then times weight
+// (rounded again when bf16). x [..., D] float or bf16 contiguous; weight [D] of x's dtype.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  auto xc = x.contiguous();
+  const int64_t D = xc.size(-1), rows = xc.numel() / D;
+  auto out = torch::empty_like(xc);
+  auto wf = weight.to(at::kFloat).contiguous();
+  const float* wp = wf.data_ptr<float>();
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || xc.scalar_type() == at::kFloat, "rms_norm: float32 or bfloat16");
+  TORCH_CHECK(weight.scalar_type() == xc.scalar_type(), "rms_norm: weight and x dtypes differ");
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      float sum = 0.f;
+      if (bf16) {
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + r * D;
+        uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + r * D;
+        for (int64_t d = 0; d < D; d++) { const float v = to_f(src[d]); sum += v * v; }
+        const float scale = 1.f / std::sqrt(sum / D + float(eps));
+        for (int64_t d = 0; d < D; d++) dst[d] = to_bf16(wp[d] * to_f(to_bf16(to_f(src[d]) * scale)));
+      } else {
+        const float* src = xc.data_ptr<float>() + r * D;
+        float* dst = out.data_ptr<float>() + r * D;
+        for (int64_t d = 0; d < D; d++) sum += src[d] * src[d];
+        const float scale = 1.f / std::sqrt(sum / D + float(eps));
+        for (int64_t d = 0; d < D; d++) dst[d] = wp[d] * (src[d] * scale);
+      }
+    }
+  });
+  return out;
 }
 
 // Decode attention over a paged cache, one query token per sequence.
@@ -249,7 +322,7 @@ torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor expert_ids, torch:
 
 """
 
-_FUNCTIONS = ["linear_bf16", "paged_decode_attention", "moe_experts_bf16"]
+_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "moe_experts_bf16"]
 _module = None
 _failed = False
 
@@ -315,7 +388,19 @@ def use_bf16_kernels(model: nn.Module) -> int:
         elif type(module) is Experts and module.gate_up_proj.dtype == torch.bfloat16:
             module.__class__ = KernelExperts
             count += 1
+        elif type(module) is RMSNorm and module.weight.dtype == torch.bfloat16:
+            module.__class__ = KernelRMSNorm
+            count += 1
     return count
+
+
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm in one kernel call, with transformers' rounding (same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+            return super().forward(x)
+        return _module.rms_norm(x, self.weight, self.eps)
 
 
 class KernelExperts(Experts):

@@ -77,6 +77,9 @@ def test_tokenize_and_detokenize(http):
     assert r["count"] == len(r["tokens"]) == 2 and r["max_model_len"] == MAX_MODEL_LEN
     assert r["token_strs"] == ["Hello", "Ġworld"]
     assert http.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "Hello world"}
+    developer = http.post("/tokenize", json={"messages": [{"role": "developer", "content": "Be brief."}, *user("Hi")]})
+    system = http.post("/tokenize", json={"messages": [{"role": "system", "content": "Be brief."}, *user("Hi")]})
+    assert developer.json()["tokens"] == system.json()["tokens"]
     chat = http.post("/tokenize", json={"messages": user("Hi"), "chat_template_kwargs": {"enable_thinking": False}})
     text = http.post("/detokenize", json={"tokens": chat.json()["tokens"]}).json()["prompt"]
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"

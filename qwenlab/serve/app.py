@@ -558,6 +558,9 @@ async def gather_or_abort(request: Request, job: Job, work) -> Response:
 # ---- prompts and parameters --------------------------------------------------------------------------------
 def render_chat(tokenizer, messages, tools, template_kwargs, add_generation_prompt: bool) -> str:
     dicts = [m.model_dump(exclude_none=True) for m in messages]
+    for m in dicts:
+        if m["role"] == "developer":  # OpenAI's newer name for the system role; Qwen templates know "system"
+            m["role"] = "system"
     if tools and not isinstance(tools[0], dict):
         tools = [t.model_dump(exclude_none=True) for t in tools]
     try:

@@ -157,11 +157,10 @@ def test_chat_n_streaming_indexes(client):
 
 
 def test_chat_stop_strings_and_stop_token_ids(client, http):
-    base = client.chat.completions.create(model=MODEL, messages=user("Count"), max_tokens=10, temperature=0,
-                                          logprobs=True)
+    base = client.chat.completions.create(model=MODEL, messages=user("Count"), max_tokens=10, temperature=0)
     text = base.choices[0].message.content
-    tokens = [e.token for e in base.choices[0].logprobs.content]
-    stop = tokens[2][-2:] if len(tokens[2]) >= 2 else tokens[2]  # text inside the third token
+    assert len(text) >= 4
+    stop = text[len(text) // 2:len(text) // 2 + 2]
     r = client.chat.completions.create(model=MODEL, messages=user("Count"), max_tokens=10, temperature=0,
                                        stop=[stop, "never-appears"])
     assert r.choices[0].finish_reason == "stop"

@@ -235,7 +235,7 @@ def test_body_over_the_cap_is_413_and_50kb_body_is_fine(http):
 
 
 # ---- load, disconnects, failures -------------------------------------------------------------------------
-LONG = {"model": MODEL, "messages": user("Write a long story"), "max_tokens": 600, "temperature": 0,
+LONG = {"model": MODEL, "messages": user("Write a long story"), "max_tokens": 1000, "temperature": 0,
         "ignore_eos": True, "stream": True}
 
 
@@ -273,22 +273,22 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(http):
             next(lines)
         during = metrics(http)
         assert during["qwenlab:kv_cache_blocks_used"] > 0 and during["qwenlab:num_requests_running"] == 1
-    # the connection is closed here, long before 600 tokens
+    # the connection is closed here, long before 1000 tokens
     after = wait_idle(http, timeout=20)
     assert after["qwenlab:kv_cache_blocks_used"] == 0 and after["qwenlab:num_requests_running"] == 0
     assert after["qwenlab:request_aborted_disconnect_total"] == before["qwenlab:request_aborted_disconnect_total"] + 1
-    assert after["qwenlab:generation_tokens_total"] - before["qwenlab:generation_tokens_total"] < 600
+    assert after["qwenlab:generation_tokens_total"] - before["qwenlab:generation_tokens_total"] < 1000
     assert_still_answers(http)
 
 
 def test_client_disconnect_non_streaming_aborts(http):
     before = wait_idle(http)
     with pytest.raises(httpx.ReadTimeout):
-        http.post(CHAT, json={**LONG, "stream": False}, timeout=1.5)
+        http.post(CHAT, json={**LONG, "stream": False}, timeout=0.5)
     after = wait_idle(http, timeout=20)
     assert after["qwenlab:kv_cache_blocks_used"] == 0 and after["qwenlab:num_requests_admitted"] == 0
     assert after["qwenlab:request_aborted_disconnect_total"] == before["qwenlab:request_aborted_disconnect_total"] + 1
-    assert after["qwenlab:generation_tokens_total"] - before["qwenlab:generation_tokens_total"] < 600
+    assert after["qwenlab:generation_tokens_total"] - before["qwenlab:generation_tokens_total"] < 1000
     assert_still_answers(http)
 
 

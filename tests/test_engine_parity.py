@@ -92,3 +92,25 @@ def engine_block_bytes(directory, block_size: int = 4) -> int:
     from qwenlab.engine.runner import kv_bytes_per_token
 
     return kv_bytes_per_token(ModelConfig.from_json_file(directory / "config.json"), torch.float32) * block_size
+
+
+def test_cuda_graph_decode_inputs_give_the_same_logits(checkpoint):
+    """The padded static inputs a CUDA graph replays (scratch block, bucketed sizes), run eagerly here."""
+    from qwenlab.engine.cuda_graphs import DecodeGraphs
+
+    directory, _ = checkpoint
+    engine = make_engine(directory)
+    for i, p in enumerate(random_prompts([5, 13, 9], seed=11)):
+        engine.add_request(f"r{i}", p, greedy(20))
+    for _ in range(4):
+        engine.step()
+    batch = engine.scheduler.schedule()
+    assert batch.num_new_tokens == [1, 1, 1]
+    graphs = DecodeGraphs(engine.runner, max_num_seqs=8, max_model_len=engine.max_model_len)
+    key = graphs._key(3, max(len(s.block_table) for s in batch.seqs))
+    assert key == (4, 8)
+    graphs._fill(batch.seqs, key)
+    with torch.inference_mode():
+        padded = graphs._forward(*key)
+    eager, _ = engine.runner.execute(batch)
+    torch.testing.assert_close(padded[:3], eager, rtol=1e-5, atol=1e-5)

@@ -42,6 +42,7 @@ class PagedAttention:
         self.meta = meta
         self.block_size = block_size
         self.kernels = kernels
+        self._prefill_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per row, shared by all layers
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer_idx]
@@ -72,13 +73,18 @@ class PagedAttention:
         n, ctx = q.shape[2], self.meta.context_lens[row]
         if ctx == n:  # the chunk starts the sequence: its own keys are all there is
             return sdpa(q, k, v, scale, is_causal=n > 1)
-        blocks = self.meta.block_tables[row][: -(-ctx // self.block_size)]
-        index = torch.tensor(blocks, device=q.device)
+        index, mask = self._prefill_inputs.get(row) or self._make_prefill_inputs(row, n, ctx, q.device)
         keys = k_cache[index].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)  # [1, nkv, ctx, hd]
         values = v_cache[index].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
-        positions = torch.arange(ctx - n, ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= positions[:, None]
         return sdpa(q, keys.to(q.dtype), values.to(q.dtype), scale, attn_mask=mask)
+
+    def _make_prefill_inputs(self, row: int, n: int, ctx: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = self.meta.block_tables[row][: -(-ctx // self.block_size)]
+        index = torch.tensor(blocks, device=device)
+        positions = torch.arange(ctx - n, ctx, device=device)
+        mask = torch.arange(ctx, device=device)[None, :] <= positions[:, None]
+        self._prefill_inputs[row] = (index, mask)
+        return index, mask
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

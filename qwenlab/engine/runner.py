@@ -95,7 +95,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Sequence]]:
         """Run the step; returns (logits [len(sample_seqs), vocab] or None, sample_seqs)."""
-        if self.graphs is not None and not any(n != 1 for n in batch.num_new_tokens):
+        if self.graphs is not None and all(n == 1 and s.num_uncomputed_tokens == 1
+                                           for s, n in zip(batch.seqs, batch.num_new_tokens)):
             logits = self.graphs.run(batch)
             if logits is not None:
                 return logits, list(batch.seqs)

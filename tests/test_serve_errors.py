@@ -81,6 +81,7 @@ BAD = [
     ("top_logprobs 100", CHAT, chat(logprobs=True, top_logprobs=100), 400),
     ("top_logprobs without logprobs", CHAT, chat(top_logprobs=3), 400),
     ("logprobs a string", CHAT, chat(logprobs="yes"), 400),
+    ("thinking_budget -1", CHAT, chat(thinking_budget=-1), 400),
     ("stop empty string", CHAT, chat(stop=[""]), 400),
     ("stop a number", CHAT, chat(stop=5), 400),
     ("stop 100 strings", CHAT, chat(stop=[f"s{i}" for i in range(100)]), 400),

@@ -26,13 +26,12 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offs
     active = [e for e, c in enumerate(counts) if c]
     if _use_grouped_mm(x, weight, len(active)):
         return _grouped_mm(x, weight.transpose(1, 2), offs=offsets)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # training: mm(out=) has no autograd
-        parts, start = [], 0
-        for e, count in enumerate(counts):
-            if count:
-                parts.append(x[start:start + count] @ weight[e].t())
-                start += count
-        return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _ExpertLoopMatmul.apply(x, weight, counts)
+    return _expert_loop(x, weight, counts)
+
+
+def _expert_loop(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     out = x.new_empty(x.shape[0], weight.shape[1])
     start = 0
     for e, count in enumerate(counts):
@@ -40,6 +39,35 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offs
             torch.mm(x[start:start + count], weight[e].t(), out=out[start:start + count])
             start += count
     return out
+
+
+class _ExpertLoopMatmul(torch.autograd.Function):
+    """The expert loop with a hand-written backward (training). Autograd through slices would build a
+    full-size zero gradient of ``x`` and of the stacked weight for *every* expert (E^2 memory traffic)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counts):
+        ctx.save_for_backward(x, weight)
+        ctx.counts = counts
+        return _expert_loop(x, weight, counts)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        start = 0
+        for e, count in enumerate(ctx.counts):
+            if count:
+                rows = slice(start, start + count)
+                if want_x:
+                    torch.mm(grad_out[rows], weight[e], out=grad_x[rows])
+                if want_w:
+                    torch.mm(grad_out[rows].t(), x[rows], out=grad_w[e])
+                start += count
+        return grad_x, grad_w, None
 
 
 def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor, active: int) -> bool:

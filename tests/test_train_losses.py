@@ -48,6 +48,7 @@ def test_loss_and_gradients_equal_transformers(tiny_checkpoint, family):
     if "moe" in family:
         assert abs(ours["aux"] - float(ref.aux_loss)) < 1e-5
     ours_grads = dict(model.named_parameters())
+    assert {name for name, _ in hf.named_parameters()} <= set(ours_grads)  # every tensor compared
     for name, param in hf.named_parameters():
         if name in ours_grads and param.grad is not None:
             torch.testing.assert_close(ours_grads[name].grad, param.grad, rtol=1e-4, atol=1e-6, msg=name)

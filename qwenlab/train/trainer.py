@@ -110,6 +110,14 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model, optim: OptimConfig, fused_ok: bool = True):
+    """AdamW over the trainable parameters; fused (one kernel for all tensors) unless turned off. On CPU
+    the fused kernel is ~8x faster than the foreach one, which matters for small models."""
+    fused = fused_ok if optim.fused is None else optim.fused
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                             **({"fused": True} if fused else {}))
+
+
 def _grad_norm(model, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
@@ -169,6 +177,23 @@ class StepLoss:
             metrics["z_loss"] = float(totals[1])
             metrics["loss"] += self.moe_cfg.z_loss_coef * float(totals[1])
         return metrics
+
+
+def training_step(model, optimizer, rows: Rows, moe, grad_clip: float, micro: int, info: D.DistInfo,
+                  autocast=contextlib.nullcontext) -> dict:
+    """One optimizer step on the global batch ``rows``: this rank's micro-batches, clip, AdamW."""
+    W = info.world_size
+    accum = len(rows) // (micro * W)
+    step_loss = StepLoss(model.config, moe, rows, lambda t: D.all_reduce_sum(t, info), info.device)
+    for m in range(accum):
+        first = (m * W + info.rank) * micro
+        with autocast():
+            loss = step_loss.micro_batch(model, rows.slice(first, first + micro))
+        (loss * W).backward()
+    grad_norm = _grad_norm(model, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**step_loss.finish(), "grad_norm": round(grad_norm, 6)}
 
 
 class Trainer:
@@ -332,10 +357,7 @@ class Trainer:
                             shuffle=not eval_split)
 
     def _optimizer(self, optim: OptimConfig):
-        fused = optim.fused if optim.fused is not None else self.info.device.type == "cuda"
-        kwargs = {"fused": True} if fused else {}
-        return torch.optim.AdamW(param_groups(self.model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
-                                 eps=optim.eps, **kwargs)
+        return build_optimizer(self.model, optim)
 
     def run_stage(self, index: int, stage: StageConfig, offset: int, resume: dict | None) -> dict:
         info, config = self.info, self.config
@@ -418,19 +440,9 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self, rows: Rows, stage: StageConfig, optimizer) -> dict:
-        info, model, mcfg = self.info, self.model, self.model.config
-        W = info.world_size
-        micro, accum = stage.micro_rows(W), stage.grad_accum(W)
-        step_loss = StepLoss(mcfg, self.config.moe, rows, lambda t: D.all_reduce_sum(t, info), info.device)
-        for m in range(accum):
-            first = (m * W + info.rank) * micro
-            with self._autocast():
-                loss = step_loss.micro_batch(model, rows.slice(first, first + micro))
-            (loss * W).backward()
-        grad_norm = _grad_norm(model, stage.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {**step_loss.finish(), "grad_norm": round(grad_norm, 6)}
+        W = self.info.world_size
+        return training_step(self.model, optimizer, rows, self.config.moe, stage.optim.grad_clip,
+                             stage.micro_rows(W), self.info, self._autocast)
 
     # ---- held-out perplexity ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -60,6 +60,8 @@ def parse_size(text: str | int) -> int:
 def resolve_model_dir(model: str | os.PathLike) -> Path:
     """A local checkpoint directory, or a Hugging Face model name downloaded with huggingface_hub."""
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path  # a llama.cpp file: load_model reads it through qwenlab.quant.gguf
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: no config.json in this directory; is it a Hugging Face checkpoint?")
@@ -264,16 +266,35 @@ def _execute(plan: list[tuple[TensorEntry, torch.Tensor]], progress: bool | None
 
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = torch.bfloat16,
-               device: str | torch.device = "cpu", progress: bool | None = None) -> QwenForCausalLM:
+               device: str | torch.device = "cpu", progress: bool | None = None,
+               quantization: str | None = None, group_size: int | None = None) -> QwenForCausalLM:
     """Load a Hugging Face checkpoint directory (qwen2, qwen3, qwen3_moe, qwen2_moe) into QwenForCausalLM.
 
-    ``dtype=None`` keeps the checkpoint's ``torch_dtype``.
+    ``dtype=None`` keeps the checkpoint's ``torch_dtype``. Also reads qwenlab's quantized checkpoints and
+    GGUF files; ``quantization="int8"|"int4"`` quantizes the weights after loading (qwenlab.quant).
     """
-    directory = resolve_model_dir(path)
-    config = ModelConfig.from_json_file(directory / "config.json")
-    dtype = to_torch_dtype(dtype) or getattr(torch, config.torch_dtype)
-    model = build_empty(config, dtype, device)
-    load_state_into(model, directory, progress)
+    if str(path).endswith(".gguf"):
+        from .quant.gguf import load_gguf
+
+        model = load_gguf(path, dtype=dtype, device=device)
+    else:
+        directory = resolve_model_dir(path)
+        config = ModelConfig.from_json_file(directory / "config.json")
+        dtype = to_torch_dtype(dtype) or getattr(torch, config.torch_dtype)
+        if "quantization_config" in config.extra:
+            from .quant.checkpoint import load_quantized
+
+            model = load_quantized(directory, config, dtype, device, progress)
+        else:
+            model = build_empty(config, dtype, device)
+            load_state_into(model, directory, progress)
+    if quantization:
+        from .quant import quantize_model
+
+        if getattr(model, "quantization", None) is not None:
+            raise CheckpointError(f"{path}: already quantized ({model.quantization['method']}); "
+                                  f"drop quantization={quantization!r}")
+        quantize_model(model, quantization, group_size)
     return model.eval()
 
 

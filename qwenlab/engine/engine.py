@@ -56,7 +56,7 @@ class LLMEngine:
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, seed: int | None = None, use_kernels: bool | None = None,
                  cuda_graphs: bool | None = None, log_stats: bool = True, tokenizer=None,
-                 generation_config: dict | None = None):
+                 generation_config: dict | None = None, quantization: str | None = None):
         from ..checkpoint import load_model, parse_size, resolve_model_dir
 
         self.log_stats = log_stats
@@ -66,7 +66,7 @@ class LLMEngine:
         else:
             directory = resolve_model_dir(model)
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self.model = load_model(directory, dtype=dtype, device=device)
+            self.model = load_model(directory, dtype=dtype, device=device, quantization=quantization)
         self.model_config = self.model.config
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype

@@ -1,0 +1,169 @@
+"""Training throughput: qwenlab's training step vs a plain transformers training step, same model, same batch.
+
+For a small dense (Qwen3) and a small MoE (Qwen3-MoE) model, both libraries start from the same random
+checkpoint (written by qwenlab, loaded by transformers' ``from_pretrained``) and train on the same rows of
+token ids with the same AdamW. One step = forward, loss, backward, gradient clipping, optimizer step:
+
+* qwenlab: ``qwenlab.train.trainer.training_step`` with the trainer's optimizer (``build_optimizer``: fused
+  AdamW) -- exactly what ``qwenlab train`` runs each step: packed-row attention context, CE on the target
+  positions only, Qwen's global-batch balancing loss for MoE; ``--compile`` adds the recipe's
+  ``compile = true`` (torch.compile per decoder layer).
+* transformers: ``model(input_ids, labels=input_ids, output_router_logits=moe).loss.backward()``,
+  ``clip_grad_norm_``, ``torch.optim.AdamW`` with its defaults (its default experts implementation for
+  MoE). ``--same-optimizer`` gives transformers the fused AdamW too, to separate the optimizer's share.
+
+The two alternate step by step; each figure is the median over ``--repeats`` steps after ``--warmup``,
+in wall time and in CPU time of the process (all threads): on a machine shared with other jobs the CPU
+time is the steadier of the two.
+The first step's losses are printed side by side (they must agree: same weights, same batch). MFU uses
+qwenlab's FLOP count (6 x active matmul parameters + attention) and, on CPU, the measured fp32 matmul rate
+of this machine as the peak (``--peak-tflops`` to override); tokens/s ratios are what the goals are about.
+
+    .venv/bin/python bench/bench_train.py --repeats 9 --out bench/results/train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qwenlab.checkpoint import init_checkpoint, load_model  # noqa: E402
+from qwenlab.config import preset  # noqa: E402
+from qwenlab.train import distributed as D  # noqa: E402
+from qwenlab.train.data import Rows  # noqa: E402
+from qwenlab.train.recipes import MoEConfig  # noqa: E402
+from qwenlab.train.recipes import OptimConfig  # noqa: E402
+from qwenlab.train.trainer import build_optimizer, flops_per_token, measured_matmul_flops, training_step  # noqa: E402
+
+MODELS = {
+    "dense (qwen3, 4 layers, H=256)": ("qwen3-0.6b", dict(
+        vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, rope_theta=1e6, tie_word_embeddings=True)),
+    "MoE (qwen3_moe, 4 layers, 16 experts top-4)": ("qwen3-30b-a3b", dict(
+        vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
+        norm_topk_prob=True, rope_theta=1e6)),
+}
+
+
+def make_rows(batch: int, seq: int, vocab: int, seed: int = 0) -> Rows:
+    ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq))
+    labels = np.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return Rows(ids, labels, np.tile(np.arange(seq), (batch, 1)), np.zeros_like(ids), np.ones_like(ids, dtype=bool))
+
+
+def hf_adamw(model, fused: bool):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **({"fused": True} if fused else {}))
+
+
+def bench_model(name: str, preset_name: str, overrides: dict, args, workdir: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    config = preset(preset_name, **overrides)
+    path = init_checkpoint(config, workdir / preset_name, seed=0, dtype="float32")
+    ours = load_model(path, dtype=torch.float32).train()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    moe = config.is_moe
+    rows = make_rows(args.batch, args.seq_len, config.vocab_size)
+    ids = torch.from_numpy(rows.input_ids)
+    info = D.DistInfo()
+    ours_opt = build_optimizer(ours, OptimConfig(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999)))
+    hf_opt = hf_adamw(hf, args.same_optimizer)
+    if args.compile:
+        D.apply_compile(ours)
+    moe_cfg = MoEConfig(balance="global")
+
+    def ours_step():
+        return training_step(ours, ours_opt, rows, moe_cfg, 1.0, args.batch, info, contextlib.nullcontext)["loss"]
+
+    def hf_step():
+        out = hf(ids, labels=ids, **({"output_router_logits": True} if moe else {}))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    first = (ours_step(), hf_step())
+    times = {"qwenlab": [], "transformers": []}
+    cpu = {"qwenlab": [], "transformers": []}
+    for i in range(args.warmup + args.repeats):
+        for label, fn in (("qwenlab", ours_step), ("transformers", hf_step))[:: 1 if i % 2 == 0 else -1]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            if i >= args.warmup:
+                times[label].append(time.perf_counter() - start)
+                cpu[label].append(time.process_time() - start_cpu)
+    tokens = args.batch * args.seq_len
+    fpt = flops_per_token(config, args.seq_len)
+    result = {"model": name, "params_total": config.param_counts()["total"],
+              "params_active": config.param_counts()["active"], "tokens_per_step": tokens,
+              "first_step_loss": {"qwenlab": first[0], "transformers": first[1]}}
+    for label, values in times.items():
+        median = statistics.median(values)
+        result[label] = {"median_step_s": median, "median_step_cpu_s": statistics.median(cpu[label]),
+                         "tokens_per_s": tokens / median, "mfu": fpt * tokens / median / args.peak,
+                         "steps_s": values, "steps_cpu_s": cpu[label]}
+    result["speedup"] = result["transformers"]["median_step_s"] / result["qwenlab"]["median_step_s"]
+    result["speedup_cpu_time"] = result["transformers"]["median_step_cpu_s"] / result["qwenlab"]["median_step_cpu_s"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--same-optimizer", action="store_true", help="fused AdamW for transformers too")
+    parser.add_argument("--compile", action="store_true", help="torch.compile qwenlab's decoder layers")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--only", choices=["dense", "moe"], default=None)
+    parser.add_argument("--out", default=None, help="write the results as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_matmul_flops(torch.float32, 1024, 1.0)
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+          f"peak for MFU {args.peak / 1e9:.1f} GFLOP/s (fp32), batch {args.batch} x {args.seq_len} tokens")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (preset_name, overrides) in MODELS.items():
+            if args.only and (args.only == "moe") != ("MoE" in name):
+                continue
+            results.append(bench_model(name, preset_name, overrides, args, Path(tmp)))
+            r = results[-1]
+            print(f"  {name}: first-step loss qwenlab {r['first_step_loss']['qwenlab']:.6f}, transformers "
+                  f"{r['first_step_loss']['transformers']:.6f}")
+    print()
+    print("| model | qwenlab tokens/s | transformers tokens/s | speedup (wall) | speedup (CPU time) | qwenlab MFU "
+          "| transformers MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['qwenlab']['tokens_per_s']:,.0f} | {r['transformers']['tokens_per_s']:,.0f} | "
+              f"{r['speedup']:.2f}x | {r['speedup_cpu_time']:.2f}x | {r['qwenlab']['mfu']:.1%} | "
+              f"{r['transformers']['mfu']:.1%} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "results": results},
+                                             indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

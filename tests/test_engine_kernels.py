@@ -102,3 +102,32 @@ def test_rms_norm_rounds_like_transformers(ops, dtype):
     assert got.dtype == dtype
     tolerance = 1e-6 if dtype == torch.float32 else 8e-3  # one bf16 rounding step at most
     torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_fused_attention_and_mlp_modules_match_the_stock_modules(ops, family):
+    from qwenlab.config import preset
+    from qwenlab.model.layers import CausalAttention, RotaryEmbedding
+    from qwenlab.model.qwen import QwenForCausalLM
+
+    base = "qwen3-0.6b" if family == "qwen3" else "qwen2.5-0.5b"
+    config = preset(base, num_hidden_layers=1, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=64, **({"head_dim": 32} if family == "qwen3" else {}))
+    model = QwenForCausalLM(config)
+    model.init_weights(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "bias")):
+                p.uniform_(0.5, 1.5)
+    model = model.bfloat16().eval()
+    layer = model.model.layers[0]
+    x = torch.randn(1, 7, 64).bfloat16()
+    cos, sin = RotaryEmbedding(config)(torch.arange(3, 10), torch.bfloat16)
+    with torch.no_grad():
+        attn_ref, mlp_ref = layer.self_attn(x, cos, sin, CausalAttention()), layer.mlp(x)
+        assert kernels.use_bf16_kernels(model) > 0
+        assert type(layer.self_attn) is kernels.KernelAttention and type(layer.mlp) is kernels.KernelMLP
+        attn, mlp = layer.self_attn(x, cos, sin, CausalAttention()), layer.mlp(x)
+    for got, ref in ((attn, attn_ref), (mlp, mlp_ref)):
+        assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+        assert ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 2e-2

@@ -47,7 +47,10 @@ class PagedAttention:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer_idx]
         meta = self.meta
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if self.kernels is not None and k_cache.device.type == "cpu":
+            self.kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        else:
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if not meta.prefill_rows and meta.decode_token_index is not None and q.shape[2] == len(meta.decode_rows):
             return self._decode(q[0].transpose(0, 1), k_cache, v_cache, scale).transpose(0, 1).unsqueeze(0)
         out = torch.empty_like(q)

@@ -28,7 +28,7 @@ import os
 import torch
 from torch import nn
 
-from ..model.layers import RMSNorm
+from ..model.layers import MLP, Attention, RMSNorm
 from ..model.moe import Experts
 
 logger = logging.getLogger("qwenlab.engine")
@@ -175,26 +175,26 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   auto xc = x.contiguous();
   const int64_t D = xc.size(-1), rows = xc.numel() / D;
   auto out = torch::empty_like(xc);
-  auto wf = weight.to(at::kFloat).contiguous();
-  const float* wp = wf.data_ptr<float>();
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || xc.scalar_type() == at::kFloat, "rms_norm: float32 or bfloat16");
-  TORCH_CHECK(weight.scalar_type() == xc.scalar_type(), "rms_norm: weight and x dtypes differ");
+  TORCH_CHECK(weight.scalar_type() == xc.scalar_type() && weight.is_contiguous(), "rms_norm: weight dtype");
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       float sum = 0.f;
       if (bf16) {
         const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + r * D;
+        const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
         uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + r * D;
         for (int64_t d = 0; d < D; d++) { const float v = to_f(src[d]); sum += v * v; }
         const float scale = 1.f / std::sqrt(sum / D + float(eps));
-        for (int64_t d = 0; d < D; d++) dst[d] = to_bf16(wp[d] * to_f(to_bf16(to_f(src[d]) * scale)));
+        for (int64_t d = 0; d < D; d++) dst[d] = to_bf16(to_f(w[d]) * to_f(to_bf16(to_f(src[d]) * scale)));
       } else {
         const float* src = xc.data_ptr<float>() + r * D;
+        const float* w = weight.data_ptr<float>();
         float* dst = out.data_ptr<float>() + r * D;
         for (int64_t d = 0; d < D; d++) sum += src[d] * src[d];
         const float scale = 1.f / std::sqrt(sum / D + float(eps));
-        for (int64_t d = 0; d < D; d++) dst[d] = wp[d] * (src[d] * scale);
+        for (int64_t d = 0; d < D; d++) dst[d] = w[d] * (src[d] * scale);
       }
     }
   });
@@ -275,6 +275,131 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out.to(q.scalar_type());
 }
 
+// ---- fused decoder pieces (bf16 weights; activations float or bf16, rounded as transformers rounds) ----
+namespace {
+
+// Round to the activation dtype: transformers keeps every intermediate in bf16 for a bf16 model.
+inline float rnd(float v, bool bf16) { return bf16 ? to_f(to_bf16(v)) : v; }
+
+const float* opt_float(const c10::optional<torch::Tensor>& t, torch::Tensor& keep) {
+  if (!t.has_value()) return nullptr;
+  keep = t->to(at::kFloat).contiguous();
+  return keep.data_ptr<float>();
+}
+
+// rows [T, heads * D] (float) -> optional per-head RMSNorm and RoPE -> out[0, head, t, :] in out's dtype.
+void norm_rope_store(float* rows, int64_t T, int64_t heads, int64_t D, const float* norm_w, float eps,
+                     const float* cos, const float* sin, bool bf16, torch::Tensor& out) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, T * heads, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<float> y(D);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t t = i / heads, h = i % heads;
+      float* x = rows + t * heads * D + h * D;
+      for (int64_t d = 0; d < D; d++) y[d] = x[d];
+      if (norm_w) {
+        float sum = 0.f;
+        for (int64_t d = 0; d < D; d++) sum += y[d] * y[d];
+        const float scale = 1.f / std::sqrt(sum / D + eps);
+        for (int64_t d = 0; d < D; d++) y[d] = rnd(norm_w[d] * rnd(y[d] * scale, bf16), bf16);
+      }
+      const float* c = cos + t * D;
+      const float* s = sin + t * D;
+      const int64_t offset = (h * T + t) * D;
+      for (int64_t d = 0; d < D; d++) {
+        const float rotated = d < half ? -y[d + half] : y[d - half];
+        const float v = rnd(rnd(y[d] * c[d], bf16) + rnd(rotated * s[d], bf16), bf16);
+        if (bf16) reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())[offset + d] = to_bf16(v);
+        else out.data_ptr<float>()[offset + d] = v;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// Attention inputs of one layer for x [1, T, hidden]: q/k/v projections (+ biases), Qwen3's per-head
+// q/k RMSNorm when weights are given, RoPE with cos/sin [T, D]. Returns q [1, Hq, T, D], k and v
+// [1, Hkv, T, D], contiguous, in x's dtype.
+std::vector<torch::Tensor> attention_inputs(torch::Tensor x, torch::Tensor wq, torch::Tensor wk, torch::Tensor wv,
+                                            c10::optional<torch::Tensor> bq, c10::optional<torch::Tensor> bk,
+                                            c10::optional<torch::Tensor> bv, c10::optional<torch::Tensor> q_norm,
+                                            c10::optional<torch::Tensor> k_norm, torch::Tensor cos, torch::Tensor sin,
+                                            double eps, int64_t heads, int64_t kv_heads, int64_t D) {
+  const int64_t K = x.size(-1), T = x.numel() / K;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto x2 = x.reshape({T, K}).contiguous();
+  std::vector<float> xbuf;
+  const float* xp = as_float(x2, xbuf);
+  torch::Tensor kb_q, kb_k, kb_v, kn_q, kn_k;
+  const float *pbq = opt_float(bq, kb_q), *pbk = opt_float(bk, kb_k), *pbv = opt_float(bv, kb_v);
+  const float *pnq = opt_float(q_norm, kn_q), *pnk = opt_float(k_norm, kn_k);
+  auto cf = cos.reshape({T, D}).to(at::kFloat).contiguous(), sf = sin.reshape({T, D}).to(at::kFloat).contiguous();
+  auto w = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  std::vector<float> qr(T * heads * D), kr(T * kv_heads * D);
+  gemm_bf16(xp, T, K, w(wq), heads * D, qr.data(), pbq);
+  gemm_bf16(xp, T, K, w(wk), kv_heads * D, kr.data(), pbk);
+  if (bf16) {
+    for (auto& v : qr) v = rnd(v, true);
+    for (auto& v : kr) v = rnd(v, true);
+  }
+  auto q = torch::empty({1, heads, T, D}, x.options());
+  auto k = torch::empty({1, kv_heads, T, D}, x.options());
+  norm_rope_store(qr.data(), T, heads, D, pnq, float(eps), cf.data_ptr<float>(), sf.data_ptr<float>(), bf16, q);
+  norm_rope_store(kr.data(), T, kv_heads, D, pnk, float(eps), cf.data_ptr<float>(), sf.data_ptr<float>(), bf16, k);
+  // v: projection only, laid out [1, Hkv, T, D]
+  auto v_rows = torch::empty({T, kv_heads * D}, x.options());
+  if (bf16) gemm_bf16(xp, T, K, w(wv), kv_heads * D, reinterpret_cast<uint16_t*>(v_rows.data_ptr<at::BFloat16>()), pbv);
+  else gemm_bf16(xp, T, K, w(wv), kv_heads * D, v_rows.data_ptr<float>(), pbv);
+  auto v = v_rows.view({1, T, kv_heads, D}).transpose(1, 2).contiguous();
+  return {q, k, v};
+}
+
+// SwiGLU MLP: down(silu(gate(x)) * up(x)) with bf16 weights, intermediates rounded like transformers.
+torch::Tensor mlp_bf16(torch::Tensor x, torch::Tensor w_gate, torch::Tensor w_up, torch::Tensor w_down) {
+  const int64_t K = x.size(-1), T = x.numel() / K, I = w_gate.size(0), N = w_down.size(0);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto x2 = x.reshape({T, K}).contiguous();
+  std::vector<float> xbuf;
+  const float* xp = as_float(x2, xbuf);
+  auto w = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  std::vector<float> g(T * I), u(T * I);
+  gemm_bf16(xp, T, K, w(w_gate), I, g.data());
+  gemm_bf16(xp, T, K, w(w_up), I, u.data());
+  for (int64_t i = 0; i < T * I; i++) {
+    const float gate = rnd(g[i], bf16);
+    g[i] = rnd(rnd(gate / (1.f + std::exp(-gate)), bf16) * rnd(u[i], bf16), bf16);
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto out = torch::empty(sizes, x.options());
+  if (bf16) gemm_bf16(g.data(), T, I, w(w_down), N, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  else gemm_bf16(g.data(), T, I, w(w_down), N, out.data_ptr<float>());
+  return out;
+}
+
+// Paged KV write: k/v [1, Hkv, T, D] (any strides) into caches [blocks, block_size, Hkv, D] at slots [T].
+void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slots) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(), "dtype");
+  auto slot = slots.to(at::kLong).contiguous();
+  const int64_t H = k.size(1), T = k.size(2), D = k.size(3);
+  const int64_t es = k_cache.element_size(), n_slots = k_cache.numel() / (H * D);
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k/v rows must be contiguous");
+  for (int64_t t = 0; t < T; t++) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < n_slots, "slot out of range");
+    for (int64_t h = 0; h < H; h++) {
+      std::memcpy(kc + ((sp[t] * H + h) * D) * es, kp + (h * k.stride(1) + t * k.stride(2)) * es, D * es);
+      std::memcpy(vc + ((sp[t] * H + h) * D) * es, vp + (h * v.stride(1) + t * v.stride(2)) * es, D * es);
+    }
+  }
+}
+
 // Mixture-of-experts SwiGLU experts for a few tokens: only the experts the tokens route to are read.
 // x [N, Hd]; expert_ids [N, k] int64; weights [N, k]; gate_up [E, 2I, Hd] bf16 (gate rows first);
 // down [E, Hd, I] bf16. Returns sum_j weights[:, j] * expert_{ids[:, j]}(x), in x's dtype.
@@ -322,7 +447,8 @@ torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor expert_ids, torch:
 
 """
 
-_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "moe_experts_bf16"]
+_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "moe_experts_bf16", "attention_inputs",
+              "mlp_bf16", "write_kv"]
 _module = None
 _failed = False
 
@@ -380,17 +506,17 @@ def use_bf16_kernels(model: nn.Module) -> int:
     if load() is None:
         return 0
     count = 0
+    swaps = {nn.Linear: KernelLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, MLP: KernelMLP,
+             Experts: KernelExperts}
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
-            module.weight.data = module.weight.data.contiguous()
-            module.__class__ = KernelLinear
-            count += 1
-        elif type(module) is Experts and module.gate_up_proj.dtype == torch.bfloat16:
-            module.__class__ = KernelExperts
-            count += 1
-        elif type(module) is RMSNorm and module.weight.dtype == torch.bfloat16:
-            module.__class__ = KernelRMSNorm
-            count += 1
+        kind = swaps.get(type(module))
+        weight = next(module.parameters(), None)
+        if kind is None or weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.contiguous()
+        module.__class__ = kind
+        count += 1
     return count
 
 
@@ -401,6 +527,31 @@ class KernelRMSNorm(RMSNorm):
         if torch.is_grad_enabled() or x.dtype != self.weight.dtype:
             return super().forward(x)
         return _module.rms_norm(x, self.weight, self.eps)
+
+
+class KernelAttention(Attention):
+    """Attention whose projections, q/k norms and RoPE run as one kernel call (same parameters)."""
+
+    def forward(self, x, cos, sin, context):
+        if torch.is_grad_enabled() or x.dtype != torch.bfloat16 or x.shape[0] != 1:
+            return super().forward(x, cos, sin, context)
+        B, S, _ = x.shape
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 1e-6)
+        q, k, v = _module.attention_inputs(
+            x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.q_proj.bias, self.k_proj.bias,
+            self.v_proj.bias, norms[0], norms[1], cos, sin, norms[2], self.num_heads, self.num_kv_heads,
+            self.head_dim)
+        out = context.attend(self.layer_idx, q, k, v, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+class KernelMLP(MLP):
+    """SwiGLU MLP in one kernel call (same parameters)."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled() or x.dtype != torch.bfloat16:
+            return super().forward(x)
+        return _module.mlp_bf16(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
 class KernelExperts(Experts):

@@ -30,12 +30,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  end_token_ids: tuple[int, ...] = ()) -> tuple[list[int], list[Logprob | None]]:
-        logits = logits.float()
-        raw = logits
-        logits = self._apply_penalties(logits.clone(), seqs, end_token_ids)
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         temps = [s.params.temperature for s in seqs]
         greedy = [i for i, t in enumerate(temps) if t < GREEDY_EPS]
+        if len(greedy) == len(seqs) and not any(_adjusts(s) for s in seqs):
+            tokens = logits.argmax(-1).tolist()  # plain greedy: argmax is the same in the logits' own dtype
+            return tokens, self._logprobs(logits, seqs, tokens)
+        logits = logits.float()
+        raw = logits
+        if any(_adjusts(s) for s in seqs):
+            logits = self._apply_penalties(logits.clone(), seqs, end_token_ids)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         if greedy:
             rows = torch.tensor(greedy, device=logits.device)
             tokens[rows] = logits[rows].argmax(-1)
@@ -118,7 +122,7 @@ class Sampler:
         if not wanted:
             return out
         index = torch.tensor(wanted, device=raw.device)
-        logprobs = torch.log_softmax(raw[index], dim=-1)
+        logprobs = torch.log_softmax(raw[index].float(), dim=-1)
         chosen = logprobs.gather(1, torch.tensor([tokens[i] for i in wanted], device=raw.device)[:, None])[:, 0].tolist()
         kmax = max(seqs[i].params.logprobs for i in wanted)
         top_values, top_ids = (logprobs.topk(kmax, dim=-1) if kmax else (None, None))
@@ -127,3 +131,10 @@ class Sampler:
             top = list(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist())) if k else []
             out[i] = Logprob(tokens[i], chosen[j], top)
         return out
+
+
+def _adjusts(seq: Sequence) -> bool:
+    """Whether the sequence's logits need penalties or end-token masking before sampling."""
+    p = seq.params
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+            or seq.num_output_tokens < p.min_tokens)

@@ -65,8 +65,8 @@ inline float hsum(__m256 v) {
 }
 
 // acc[i][j] = x[i, :] . w[j, :] for an MT x NT tile; x float rows (stride ldx), w bf16 rows (stride ldw).
-template <int MT, int NT>
-inline void dot_tile(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t K, float* out,
+template <int MT, int NT, typename WT>
+inline void dot_tile(const float* x, int64_t ldx, const WT* w, int64_t ldw, int64_t K, float* out,
                      int64_t ldo) {
   __m256 acc[MT][NT];
   for (int i = 0; i < MT; i++)
@@ -119,11 +119,54 @@ void rows_range(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t
     }
 }
 
+// Rows of x per pass when the weights are widened once per block of NT rows and reused across many rows
+// of x: sized so a pass of x stays in L2 (256 KiB).
+inline int64_t rows_per_pass(int64_t K) { return std::max<int64_t>(12, (256 * 1024 / (4 * K)) / 12 * 12); }
+
+// Many rows (prefill, large decode batches): widen each block of 4 weight rows to float once (in L1),
+// then run a pure float 3x4 register tile over every row of x in the pass.
+template <typename OutT>
+void rows_range_widened(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
+                        OutT* out, int64_t N, const float* bias) {
+  constexpr int NT = 4, MT = 3;
+  std::vector<float> wf(NT * K);
+  float tile[MT * NT];
+  int64_t n = n0;
+  for (; n + NT <= n1; n += NT) {
+    for (int64_t i = 0; i < NT * K; i++) wf[i] = to_f(w[n * K + i]);
+    int64_t m = 0;
+    auto emit = [&](int mt) {
+      for (int i = 0; i < mt; i++)
+        for (int j = 0; j < NT; j++) store(out + (m + i) * N + n + j, tile[i * NT + j] + (bias ? bias[n + j] : 0.f));
+    };
+    for (; m + MT <= M; m += MT) {
+      dot_tile<MT, NT>(x + m * K, K, wf.data(), K, K, tile, NT);
+      emit(MT);
+    }
+    for (; m < M; m++) {
+      dot_tile<1, NT>(x + m * K, K, wf.data(), K, K, tile, NT);
+      emit(1);
+    }
+  }
+  if (n < n1) rows_range<1, 1>(x, M, K, w, n, n1, out, N, bias);
+}
+
 template <typename OutT>
 void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, OutT* out,
                const float* bias = nullptr) {
   constexpr int64_t BLOCK = 16;
-  at::parallel_for(0, (N + BLOCK - 1) / BLOCK, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
+  if (M >= 8) {
+    const int64_t pass = rows_per_pass(K);
+    for (int64_t m0 = 0; m0 < M; m0 += pass) {
+      const int64_t rows = std::min(pass, M - m0);
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        rows_range_widened(x + m0 * K, rows, K, w, b0 * BLOCK, std::min(N, b1 * BLOCK), out + m0 * N, N, bias);
+      });
+    }
+    return;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     int64_t n0 = b0 * BLOCK, n1 = std::min(N, b1 * BLOCK);
     if (M == 1) rows_range<1, 8>(x, M, K, w, n0, n1, out, N, bias);
     else if (M == 2) rows_range<2, 6>(x, M, K, w, n0, n1, out, N, bias);

@@ -79,6 +79,17 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.floa
     return w.reshape(*lead, N, K).to(dtype)
 
 
+def layer_method(method: str, in_features: int, group_size: int) -> tuple[str, int]:
+    """The (method, group size) a weight with ``in_features`` inputs gets: int4 uses the largest multiple of
+    32 up to ``group_size`` that divides ``in_features``; where none does, that weight is stored int8."""
+    if method != "int4":
+        return method, 0
+    for size in range(group_size, 31, -32):
+        if in_features % size == 0:
+            return "int4", size
+    return "int8", 0
+
+
 def quantize_tensor(weight, method: str, group_size: int):
     return quantize_int8(weight) if method == "int8" else quantize_int4(weight, group_size)
 
@@ -131,7 +142,8 @@ class QuantLinear(nn.Module):
                  dtype=None, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.method, self.group_size = method, group_size
+        self.method, self.group_size = layer_method(method, in_features, group_size)
+        method, group_size = self.method, self.group_size
         qshape, sshape, qdt, sdt = storage_shapes(method, out_features, in_features, group_size)
         self.register_buffer("qweight", torch.empty(qshape, dtype=qdt, device=device))
         self.register_buffer("scales", torch.empty(sshape, dtype=sdt, device=device))
@@ -153,7 +165,8 @@ class QuantEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, method: str, group_size: int, dtype, device=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.method, self.group_size, self.dtype = method, group_size, dtype
+        self.method, self.group_size = layer_method(method, embedding_dim, group_size)
+        method, group_size, self.dtype = self.method, self.group_size, dtype
         qshape, sshape, qdt, sdt = storage_shapes(method, num_embeddings, embedding_dim, group_size)
         self.register_buffer("qweight", torch.empty(qshape, dtype=qdt, device=device))
         self.register_buffer("scales", torch.empty(sshape, dtype=sdt, device=device))
@@ -171,12 +184,18 @@ class QuantExperts(nn.Module):
                  device=None):
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        self.method, self.group_size = method, group_size
+        self.methods = {}  # projection -> (method, group size)
         for name, (n, k) in (("gate_up_proj", (2 * intermediate_size, hidden_size)),
                              ("down_proj", (hidden_size, intermediate_size))):
-            qshape, sshape, qdt, sdt = storage_shapes(method, n, k, group_size)
+            self.methods[name] = layer_method(method, k, group_size)
+            qshape, sshape, qdt, sdt = storage_shapes(self.methods[name][0], n, k, self.methods[name][1])
             self.register_buffer(f"{name}_qweight", torch.empty((num_experts, *qshape), dtype=qdt, device=device))
             self.register_buffer(f"{name}_scales", torch.empty((num_experts, *sshape), dtype=sdt, device=device))
+
+    def project(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        method, group_size = self.methods[name]
+        return quant_linear(x, method, getattr(self, f"{name}_qweight")[e], getattr(self, f"{name}_scales")[e],
+                            group_size)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         k = expert_ids.shape[1]
@@ -191,11 +210,8 @@ class QuantExperts(nn.Module):
             if not count:
                 continue
             rows = slice(start, start + count)
-            h = quant_linear(xs[rows], self.method, self.gate_up_proj_qweight[e], self.gate_up_proj_scales[e],
-                             self.group_size)
-            gate, up = h.chunk(2, dim=-1)
-            ys[rows] = quant_linear(F.silu(gate) * up, self.method, self.down_proj_qweight[e],
-                                    self.down_proj_scales[e], self.group_size)
+            gate, up = self.project("gate_up_proj", e, xs[rows]).chunk(2, dim=-1)
+            ys[rows] = self.project("down_proj", e, F.silu(gate) * up)
             start += count
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
@@ -253,7 +269,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None,
             new = QuantExperts(E, H, two_i // 2, method, group_size, device=device)
             if not structure_only:
                 for name in ("gate_up_proj", "down_proj"):
-                    q, s = quantize_tensor(getattr(child, name), method, group_size)
+                    q, s = quantize_tensor(getattr(child, name), *new.methods[name])
                     getattr(new, f"{name}_qweight").copy_(q)
                     getattr(new, f"{name}_scales").copy_(s)
             setattr(parent, attr, new)
@@ -269,7 +285,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None,
         if shared is not None:  # tied LM head and embedding: one set of buffers
             new.qweight, new.scales = shared.qweight, shared.scales
         elif not structure_only:
-            q, s = quantize_tensor(child.weight, method, group_size)
+            q, s = quantize_tensor(child.weight, new.method, new.group_size)
             new.qweight.copy_(q)
             new.scales.copy_(s)
         done[id(child.weight)] = new
@@ -282,7 +298,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None,
 
 def _retie(model: nn.Module) -> None:
     """Point a tied quantized LM head at the embedding's buffers (after to_empty / loading)."""
-    if isinstance(model.lm_head, QuantLinear) and isinstance(model.model.embed_tokens, QuantEmbedding):
+    if (model.config.tie_word_embeddings and isinstance(model.lm_head, QuantLinear)
+            and isinstance(model.model.embed_tokens, QuantEmbedding)):
         model.lm_head.qweight = model.model.embed_tokens.qweight
         model.lm_head.scales = model.model.embed_tokens.scales
 

@@ -34,7 +34,6 @@ WORKLOADS = {  # name: (batch, tokens per sequence)
     "prefill 1x128": (1, 128),
     "prefill 1x512": (1, 512),
 }
-HF_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")  # grouped_mm is transformers' default
 
 RSS_SCRIPT = """
 import sys, psutil, torch
@@ -50,14 +49,18 @@ print(rss0, peak)
 """
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, process CPU seconds) per function, run round-robin so that load from other
+    processes on this shared machine falls on every engine alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            samples[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s)) for name, s in samples.items()}
 
 
 def load_peak(kind: str, directory: Path) -> tuple[int, int]:
@@ -87,25 +90,38 @@ def main() -> None:
     results: dict = {"config": {"layers": args.layers, "hidden": 2048, "experts": 128, "top_k": 8,
                                 "moe_intermediate": 768, "vocab": args.vocab, "threads": torch.get_num_threads()},
                      "workloads": {}}
-    ours = load_model(tmp, dtype=torch.bfloat16, progress=False)
-    engines = {"qwenlab": lambda ids: ours(ids)}
-    hf_models = {}
-    for impl in HF_IMPLEMENTATIONS:
-        hf_models[impl] = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16,
-                                                               experts_implementation=impl).eval()
-        engines[f"transformers {impl}"] = (lambda m: (lambda ids: m(ids, use_cache=False).logits))(hf_models[impl])
+    inputs = {name: torch.randint(0, args.vocab, shape, generator=torch.Generator().manual_seed(1))
+              for name, shape in WORKLOADS.items()}
 
-    with torch.inference_mode():
-        for name, (batch, seq) in WORKLOADS.items():
-            ids = torch.randint(0, args.vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
-            row = {}
-            for engine, fn in tqdm(engines.items(), desc=name, leave=False):
-                try:
-                    row[engine] = batch * seq / timed(lambda: fn(ids), args.repeats)
-                except RuntimeError as exc:  # e.g. batched_mm gathers per-token weight copies: OOM on prefill
-                    print(f"{engine} on {name}: failed ({str(exc).splitlines()[0][:80]})", flush=True)
-                    row[engine] = None
-            results["workloads"][name] = row
+    def measure(engines: dict) -> None:
+        with torch.inference_mode():
+            for name, ids in tqdm(inputs.items(), desc=", ".join(engines), leave=False):
+                runnable = {}
+                for engine, fn in engines.items():
+                    try:
+                        fn(ids)
+                        runnable[engine] = (lambda f: lambda: f(ids))(fn)
+                    except RuntimeError as exc:  # batched_mm gathers per-token weight copies: OOM on prefill
+                        print(f"{engine} on {name}: failed ({str(exc).splitlines()[0][:80]})", flush=True)
+                        results["workloads"].setdefault(name, {})[engine] = None
+                for engine, (wall, cpu) in interleaved(runnable, args.repeats).items():
+                    results["workloads"].setdefault(name, {})[engine] = ids.numel() / wall
+                    results.setdefault("cpu_seconds", {}).setdefault(name, {})[engine] = cpu
+
+    from qwenlab.engine.kernels import use_bf16_kernels
+
+    ours = load_model(tmp, dtype=torch.bfloat16, progress=False)
+    ours_kernels = load_model(tmp, dtype=torch.bfloat16, progress=False)
+    use_bf16_kernels(ours_kernels)  # what the engine runs on CPU: AVX2 bf16 kernels
+    default = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()  # grouped_mm
+    assert default.config._experts_implementation == "grouped_mm"
+    measure({"qwenlab": ours, "qwenlab + CPU kernels": ours_kernels,
+             "transformers grouped_mm": lambda ids: default(ids, use_cache=False).logits})
+    del ours, default
+    for impl in ("batched_mm", "eager"):  # the other implementations, one at a time (memory)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, experts_implementation=impl).eval()
+        measure({f"transformers {impl}": lambda ids: hf(ids, use_cache=False).logits})
+        del hf
 
     for kind in ("qwenlab", "transformers"):
         before, peak = load_peak(kind, tmp)
@@ -121,13 +137,17 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     engines = list(next(iter(results["workloads"].values())))
-    header = f"{'workload':16s}" + "".join(f"{e:>26s}" for e in engines) + f"{'vs default':>12s}{'vs fastest HF':>15s}"
+    header = f"{'workload':16s}" + "".join(f"{e:>26s}" for e in engines) + f"{'best ours vs default':>22s}{'vs fastest HF':>15s}"
     print("\ntokens/s (median)\n" + header)
     for name, row in results["workloads"].items():
         hf = {k: v for k, v in row.items() if k.startswith("transformers") and v}
         line = f"{name:16s}" + "".join(f"{row[e]:26.1f}" if row[e] else f"{'failed':>26s}" for e in engines)
-        line += f"{row['qwenlab'] / row['transformers grouped_mm']:11.2f}x{row['qwenlab'] / max(hf.values()):14.2f}x"
+        best = max(v for k, v in row.items() if k.startswith("qwenlab") and v)
+        line += f"{best / row['transformers grouped_mm']:21.2f}x{best / max(hf.values()):14.2f}x"
         print(line)
+    print("\nprocess CPU seconds per forward (median; steadier than wall time on a shared machine)")
+    for name, row in results.get("cpu_seconds", {}).items():
+        print(f"{name:16s}" + "".join(f"{row.get(e, float('nan')):26.3f}" for e in engines))
     for kind in ("qwenlab", "transformers"):
         r = results[f"load_peak_rss_{kind}"]
         print(f"loading peak RSS growth, {kind}: {(r['peak'] - r['before']) / 2**30:.2f} GiB for a "

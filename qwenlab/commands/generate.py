@@ -25,6 +25,8 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
                    "bounded by the KV cache)")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 2GiB (default: automatic)")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization applied on load (docs/quantization.md)")
 
 
 def _sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +61,7 @@ def _llm(args: argparse.Namespace):
     from ..engine import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               kv_cache_memory=args.kv_cache_memory)
+               kv_cache_memory=args.kv_cache_memory, quantization=args.quantization)
 
 
 # ---- generate ----------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences that may wait beyond --max-num-seqs; past it requests get 429 (default 64)")
     p.add_argument("--max-body-size", default="8MiB", help="largest request body accepted (default 8MiB)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the engine's)")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization applied on load (docs/quantization.md)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     # Test only: lets a request force its output or fail the engine step (see qwenlab/serve/logits.py).
     p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                           max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                           max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
                           max_body_bytes=parse_size(args.max_body_size), dtype=args.dtype,
-                          test_hooks=args.test_hooks)
+                          test_hooks=args.test_hooks,
+                          engine_kwargs={"quantization": args.quantization} if args.quantization else {})
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -108,6 +108,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     ppl.add_argument("--batch", type=int, default=4, help="rows per forward")
     ppl.add_argument("--max-rows", type=int, default=None, help="stop after this many rows")
     ppl.add_argument("--dtype", default="float32")
+    ppl.add_argument("--quantization", default=None, choices=["int8", "int4"], help="quantize weights on load")
     ppl.add_argument("--json", action="store_true")
 
 
@@ -115,7 +116,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     from ..train.evaluate import perplexity
 
     result = perplexity(args.model, args.data, seq_len=args.seq_len, batch=args.batch, max_rows=args.max_rows,
-                        dtype=args.dtype, adapter=args.adapter)
+                        dtype=args.dtype, adapter=args.adapter, quantization=args.quantization)
     if args.json:
         print(json.dumps(result))
     else:

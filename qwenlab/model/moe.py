@@ -17,8 +17,10 @@ from ..config import ModelConfig
 from .layers import MLP
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-# Below this many token slots per active expert a plain loop of GEMMs is as fast and needs no alignment.
-GROUPED_MM_MIN_SLOTS = 4
+# Token slots per active expert below which the plain loop is used instead of one grouped GEMM. Measured on
+# this project's 2-core CPU (bf16, Qwen3-30B-A3B widths, process CPU time): the grouped GEMM is as fast as
+# the loop at 1 and 512 tokens and 1.2-6x faster at 8-64 tokens, so it is used whenever it runs.
+GROUPED_MM_MIN_SLOTS = 1
 
 
 def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,16 @@ from .losses import cross_entropy_sum
 @torch.no_grad()
 def perplexity(model_dir: str | Path, data: str | Path, seq_len: int = 1024, batch: int = 4,
                max_rows: int | None = None, dtype: str = "float32", adapter: str | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, quantization: str | None = None) -> dict:
     """exp(mean next-token loss) over every document of ``data`` (each document once, in order)."""
     from tqdm import tqdm
 
     from ..checkpoint import load_model, to_torch_dtype
     from .lora import load_adapter
 
-    model = load_model(model_dir, dtype=to_torch_dtype(dtype))
+    if quantization and adapter:
+        raise TrainingError("--quantization with --adapter: merge the adapter first (qwenlab lora merge)")
+    model = load_model(model_dir, dtype=to_torch_dtype(dtype), quantization=quantization)
     if adapter:
         load_adapter(model, adapter)
     model.eval()

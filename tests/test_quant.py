@@ -231,3 +231,20 @@ def test_corrupt_quantized_checkpoints(tmp_path, family_checkpoints):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="'gptq' is not supported"):
         load_model(out)
+
+
+def test_quantization_flag_on_commands(tmp_path):
+    directory = qwenlab_checkpoint(tmp_path / "src", preset="qwen3-0.6b")
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join("the cat sat on the mat " * 20 for _ in range(3)))
+    losses = {}
+    for method in (None, "int4"):
+        extra = ["--quantization", method] if method else []
+        proc = run_cli("eval", "perplexity", "--model", str(directory), "--data", str(data), "--seq-len", "32",
+                       "--max-rows", "2", "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        losses[method] = json.loads(proc.stdout.strip().splitlines()[-1])["loss"]
+    assert abs(losses["int4"] - losses[None]) < 0.1 * losses[None]
+    proc = run_cli("generate", "--model", str(directory), "--prompt-ids", "1,2,3", "--max-tokens", "4",
+                   "--temperature", "0", "--quantization", "int8", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr

@@ -100,6 +100,17 @@ def export(stage_dir: Path, tokenizer_dir: Path, target: Path) -> None:
     print(f"exported {stage_dir} -> {target}", file=sys.stderr)
 
 
+def export_checkpoint(model_dir: Path, tokenizer_dir: Path, target: Path) -> None:
+    """An intermediate run checkpoint (RUN/checkpoints/step-N/model, float32) as a bfloat16 package asset."""
+    import tempfile
+
+    from qwenlab.checkpoint import load_model, save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(load_model(model_dir, dtype="float32"), tmp, dtype="bfloat16")
+        export(Path(tmp), tokenizer_dir, target)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="build/default", help="working directory for data and the tokenizer")
@@ -110,8 +121,13 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="redo every step")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     p.add_argument("--set", action="append", default=[], help="recipe override passed to qwenlab train")
+    p.add_argument("--from-checkpoint", default=None,
+                   help="only export this run checkpoint's model/ directory (an intermediate model)")
     args = p.parse_args(argv)
     work = ROOT / args.work
+    if args.from_checkpoint:
+        export_checkpoint(Path(args.from_checkpoint), work / "tokenizer", ROOT / args.out)
+        return 0
     python = sys.executable
     if args.force:
         shutil.rmtree(work, ignore_errors=True)

@@ -19,7 +19,8 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 def _engine_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (or a Hugging Face name when online)")
+    p.add_argument("--model", default=None, help="checkpoint directory (or a Hugging Face name when online); "
+                   "default: the embedded default model (docs/default-model.md)")
     p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
@@ -58,8 +59,11 @@ def _params(args: argparse.Namespace, default_max_tokens: int | None = None):
 
 
 def _llm(args: argparse.Namespace):
+    from ..assets import default_model_dir
     from ..engine import LLM
 
+    if args.model is None:
+        args.model = str(default_model_dir())
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                kv_cache_memory=args.kv_cache_memory, quantization=args.quantization)
 

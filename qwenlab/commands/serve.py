@@ -17,7 +17,8 @@ from ..errors import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (or a Hugging Face name when online)")
+    p.add_argument("--model", default=None, help="checkpoint directory (or a Hugging Face name when online); "
+                   "default: the embedded default model, served as 'qwenlab-default'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $QWENLAB_API_KEY)")
@@ -49,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_queue < 0:
         raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.model is None:
+        from ..assets import DEFAULT_MODEL_NAME, default_model_dir
+
+        args.model = str(default_model_dir())
+        args.served_model_name = args.served_model_name or DEFAULT_MODEL_NAME
     resolve_model_dir(args.model)  # a wrong path is one clear line before anything binds
     config = ServerConfig(model=args.model, served_model_name=args.served_model_name,
                           api_key=args.api_key or os.environ.get("QWENLAB_API_KEY") or None,

@@ -551,8 +551,11 @@ def use_bf16_kernels(model: nn.Module) -> int:
     count = 0
     swaps = {nn.Linear: KernelLinear, RMSNorm: KernelRMSNorm, Attention: KernelAttention, MLP: KernelMLP,
              Experts: KernelExperts}
+    quantized = getattr(model, "quantization", None) is not None  # qwenlab.quant: its own kernels
     for module in model.modules():
         kind = swaps.get(type(module))
+        if quantized and kind in (KernelAttention, KernelMLP):
+            continue
         weight = next(module.parameters(), None)
         if kind is None or weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
             continue

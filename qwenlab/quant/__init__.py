@@ -120,16 +120,19 @@ def quant_linear(x: torch.Tensor, method: str, q: torch.Tensor, scales: torch.Te
 
 
 def _blockwise_linear(x, method, q, scales, bias):
-    """Dequantize a block of weight rows at a time into x's dtype and use the stock matmul (bounded memory)."""
-    N = q.shape[0]
-    K = x.shape[-1]
+    """Dequantize a block of weight rows at a time and use the stock matmul (bounded memory). On CPU the
+    product runs in float32: without native bf16 arithmetic (AVX2) sgemm is several times faster."""
+    compute = torch.float32 if x.device.type == "cpu" else x.dtype
+    xc = x.to(compute)
+    bias = None if bias is None else bias.to(compute)
+    N, K = q.shape[0], x.shape[-1]
     step = max(1, _BLOCK_ELEMENTS // max(K, 1))
     if step >= N:
-        return F.linear(x, dequantize(method, q, scales, x.dtype), bias)
+        return F.linear(xc, dequantize(method, q, scales, compute), bias).to(x.dtype)
     out = x.new_empty(*x.shape[:-1], N)
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
-        out[..., n0:n1] = F.linear(x, dequantize(method, q[n0:n1], scales[n0:n1], x.dtype),
+        out[..., n0:n1] = F.linear(xc, dequantize(method, q[n0:n1], scales[n0:n1], compute),
                                    None if bias is None else bias[n0:n1])
     return out
 

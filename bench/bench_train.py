@@ -12,7 +12,10 @@ token ids with the same AdamW. One step = forward, loss, backward, gradient clip
   ``clip_grad_norm_``, ``torch.optim.AdamW`` with its defaults (its default experts implementation for
   MoE). ``--same-optimizer`` gives transformers the fused AdamW too, to separate the optimizer's share.
 
-The two alternate step by step; each figure is the median over ``--repeats`` steps after ``--warmup``,
+Two workloads: ``pretrain`` (every token is a target) and ``sft`` (the first ``--prompt-fraction`` of each
+row is prompt, with no loss: qwenlab computes the LM head only where there is a target, transformers on
+every position). The two alternate step by step; each figure is the median over ``--repeats`` steps after
+``--warmup``,
 in wall time and in CPU time of the process (all threads): on a machine shared with other jobs the CPU
 time is the steadier of the two.
 The first step's losses are printed side by side (they must agree: same weights, same batch). MFU uses
@@ -58,18 +61,24 @@ MODELS = {
 }
 
 
-def make_rows(batch: int, seq: int, vocab: int, seed: int = 0) -> Rows:
+def make_batch(batch: int, seq: int, vocab: int, prompt: int = 0, seed: int = 0) -> tuple[Rows, torch.Tensor, torch.Tensor]:
+    """The same batch for both libraries: qwenlab Rows, and transformers (input_ids, labels). The first
+    ``prompt`` tokens of each row are context only (SFT: no loss on the prompt)."""
     ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq))
     labels = np.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
-    return Rows(ids, labels, np.tile(np.arange(seq), (batch, 1)), np.zeros_like(ids), np.ones_like(ids, dtype=bool))
+    labels[:, :prompt] = -100
+    hf_labels = torch.from_numpy(ids.copy())
+    hf_labels[:, :prompt + 1] = -100  # transformers shifts labels by one inside the loss
+    rows = Rows(ids, labels, np.tile(np.arange(seq), (batch, 1)), np.zeros_like(ids), np.ones_like(ids, dtype=bool))
+    return rows, torch.from_numpy(ids), hf_labels
 
 
 def hf_adamw(model, fused: bool):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **({"fused": True} if fused else {}))
 
 
-def bench_model(name: str, preset_name: str, overrides: dict, args, workdir: Path) -> dict:
+def bench_model(name: str, preset_name: str, overrides: dict, workload: str, args, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     config = preset(preset_name, **overrides)
@@ -77,8 +86,8 @@ def bench_model(name: str, preset_name: str, overrides: dict, args, workdir: Pat
     ours = load_model(path, dtype=torch.float32).train()
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
     moe = config.is_moe
-    rows = make_rows(args.batch, args.seq_len, config.vocab_size)
-    ids = torch.from_numpy(rows.input_ids)
+    prompt = int(args.seq_len * args.prompt_fraction) if workload == "sft" else 0
+    rows, ids, hf_labels = make_batch(args.batch, args.seq_len, config.vocab_size, prompt)
     info = D.DistInfo()
     ours_opt = build_optimizer(ours, OptimConfig(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999)))
     hf_opt = hf_adamw(hf, args.same_optimizer)
@@ -90,7 +99,7 @@ def bench_model(name: str, preset_name: str, overrides: dict, args, workdir: Pat
         return training_step(ours, ours_opt, rows, moe_cfg, 1.0, args.batch, info, contextlib.nullcontext)["loss"]
 
     def hf_step():
-        out = hf(ids, labels=ids, **({"output_router_logits": True} if moe else {}))
+        out = hf(ids, labels=hf_labels, **({"output_router_logits": True} if moe else {}))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
@@ -109,7 +118,7 @@ def bench_model(name: str, preset_name: str, overrides: dict, args, workdir: Pat
                 cpu[label].append(time.process_time() - start_cpu)
     tokens = args.batch * args.seq_len
     fpt = flops_per_token(config, args.seq_len)
-    result = {"model": name, "params_total": config.param_counts()["total"],
+    result = {"model": name, "workload": workload, "params_total": config.param_counts()["total"],
               "params_active": config.param_counts()["active"], "tokens_per_step": tokens,
               "first_step_loss": {"qwenlab": first[0], "transformers": first[1]}}
     for label, values in times.items():
@@ -128,15 +137,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine multi-threaded timings mostly measure "
+                             "contention)")
+    parser.add_argument("--workloads", default="pretrain,sft", help="pretrain (loss on every token) and/or sft "
+                                                                    "(loss on the last 1 - --prompt-fraction)")
+    parser.add_argument("--prompt-fraction", type=float, default=0.75)
     parser.add_argument("--same-optimizer", action="store_true", help="fused AdamW for transformers too")
     parser.add_argument("--compile", action="store_true", help="torch.compile qwenlab's decoder layers")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--only", choices=["dense", "moe"], default=None)
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     args.peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_matmul_flops(torch.float32, 1024, 1.0)
     import transformers
 
@@ -144,21 +157,22 @@ def main() -> None:
           f"peak for MFU {args.peak / 1e9:.1f} GFLOP/s (fp32), batch {args.batch} x {args.seq_len} tokens")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (preset_name, overrides) in MODELS.items():
-            if args.only and (args.only == "moe") != ("MoE" in name):
-                continue
-            results.append(bench_model(name, preset_name, overrides, args, Path(tmp)))
-            r = results[-1]
-            print(f"  {name}: first-step loss qwenlab {r['first_step_loss']['qwenlab']:.6f}, transformers "
-                  f"{r['first_step_loss']['transformers']:.6f}")
+        for workload in args.workloads.split(","):
+            for name, (preset_name, overrides) in MODELS.items():
+                if args.only and (args.only == "moe") != ("MoE" in name):
+                    continue
+                results.append(bench_model(name, preset_name, overrides, workload, args, Path(tmp)))
+                r = results[-1]
+                print(f"  {workload} {name}: first-step loss qwenlab {r['first_step_loss']['qwenlab']:.6f}, "
+                      f"transformers {r['first_step_loss']['transformers']:.6f}")
     print()
-    print("| model | qwenlab tokens/s | transformers tokens/s | speedup (wall) | speedup (CPU time) | qwenlab MFU "
-          "| transformers MFU |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | model | qwenlab tokens/s | transformers tokens/s | speedup (wall) | speedup (CPU time) "
+          "| qwenlab MFU | transformers MFU |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['model']} | {r['qwenlab']['tokens_per_s']:,.0f} | {r['transformers']['tokens_per_s']:,.0f} | "
-              f"{r['speedup']:.2f}x | {r['speedup_cpu_time']:.2f}x | {r['qwenlab']['mfu']:.1%} | "
-              f"{r['transformers']['mfu']:.1%} |")
+        print(f"| {r['workload']} | {r['model']} | {r['qwenlab']['tokens_per_s']:,.0f} | "
+              f"{r['transformers']['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | {r['speedup_cpu_time']:.2f}x | "
+              f"{r['qwenlab']['mfu']:.1%} | {r['transformers']['mfu']:.1%} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "results": results},

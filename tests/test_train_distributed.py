@@ -1,8 +1,9 @@
 """Real multi-process training: torchrun --nproc-per-node 2, gloo on CPU, FSDP2 (fully_shard).
 
 A tiny Qwen3-MoE model trains two stages (the second raises seq_len and the RoPE base) with the
-global-batch balancing loss. The same recipe in one process gives the same global batch per step
-(1 rank x 4 rows vs 2 ranks x 2 rows), so losses, balancing losses and final weights must agree.
+global-batch balancing loss, is stopped after step 4 and resumed from its sharded-run checkpoint. The
+same recipe in one process gives the same global batch per step (1 rank x 4 rows vs 2 ranks x 2 rows),
+so losses, balancing losses, held-out loss and final weights must agree.
 
 Tolerance: the runs differ only in float32 summation order (a 4-row batch reduced in one matmul vs two
 2-row halves summed by a gloo reduce-scatter, and a different thread split), ~1e-7 relative per
@@ -54,8 +55,13 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     multi["run"]["out"] = str(tmp_path / "multi")
     recipe_file = tmp_path / "multi.toml"
     recipe_file.write_text(_toml(multi) + '[moe]\nbalance = "global"\naux_coef = 0.1\n')
-    proc = torchrun(recipe_file)
+    # interrupted after step 4 (mid stage 2, checkpoint at 4), then resumed: still the single-process curve
+    proc = torchrun(recipe_file, "--stop-after", "4")
     assert "2 process(es), micro-batch 2, accumulation 1" in proc.stderr
+    assert (tmp_path / "multi" / "checkpoints" / "step-00000004").is_dir()
+    assert not (tmp_path / "multi" / "checkpoints" / "step-00000005").exists()
+    proc = torchrun(recipe_file, "--resume")
+    assert "resuming at step 1" in proc.stderr
 
     one, two = records(tmp_path / "single"), records(tmp_path / "multi")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4, 5]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -207,6 +208,15 @@ def test_three_stage_recipe_end_to_end(tmp_path):
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny" / "stages" / "03-long-context")
     assert hf.config.rope_parameters["rope_theta"] == 100000.0
+    # held-out perplexity of the export, as `qwenlab eval perplexity` computes it
+    from qwenlab.train.data import synthetic_documents
+    from qwenlab.train.evaluate import perplexity
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_documents("long", 4, 97)))
+    result = perplexity(tmp_path / "tiny" / "stages" / "03-long-context", heldout, seq_len=512, progress=False)
+    assert result["tokens"] > 500 and abs(result["perplexity"] - math.exp(result["loss"])) < 1e-9
+    assert result["loss"] < 5.0  # trained: below a uniform guess over the 259 byte symbols (5.56 nats)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
@@ -223,6 +233,12 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
         assert abs(a[step] - c[step]) < 0.05, (step, a[step], c[step])
+
+
+def test_data_outside_the_vocabulary_is_refused(tmp_path):
+    raw = recipe(tmp_path / "run", model=dict(TINY_MODEL, vocab_size=200))
+    with pytest.raises(TrainingError, match="does not fit the model's vocabulary of 200"):
+        run(raw)
 
 
 def test_bad_recipe_is_one_line_error(tmp_path):

@@ -311,7 +311,8 @@ class ShardWriter:
         if self.masks:
             names["mask"] = f"mask-{index:05d}.npy"
             np.save(self.out / names["mask"], np.concatenate(self.masks))
-        self.shards.append({**names, "num_tokens": int(bounds[-1]), "num_docs": len(lengths)})
+        max_id = max(int(t.max()) for t in self.tokens)
+        self.shards.append({**names, "num_tokens": int(bounds[-1]), "num_docs": len(lengths), "max_token_id": max_id})
         self.total_tokens += int(bounds[-1])
         self.total_docs += len(lengths)
         self.tokens, self.masks, self.pending = [], [], 0
@@ -397,13 +398,16 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def ensure_prepared(spec: str, cache_dir: Path, tokenizer: str, chat: ChatOptions | None = None,
+def ensure_prepared(spec: str, cache_dir: Path, tokenizer: str | None, chat: ChatOptions | None = None,
                     progress: bool = False) -> Path:
     """A prepared directory for ``spec``: itself if it holds meta.json, else a cached tokenization of raw
     files or a ``synthetic:`` corpus under ``cache_dir`` (keyed by the spec, the tokenizer and mtimes)."""
     path = Path(spec)
     if (path / META_FILE).is_file():
         return path
+    if tokenizer is None:
+        raise TrainingError(f"{spec}: not a prepared data directory, and there is no tokenizer to prepare it with "
+                            "(set [model] tokenizer, or run `qwenlab data prepare` first)")
     if spec.startswith("synthetic:"):
         key_parts = [spec, tokenizer]
         documents = synthetic_documents(*parse_synthetic(spec))
@@ -461,6 +465,10 @@ class TokenDataset:
         return None if masks is None else masks[self.starts[doc]:self.ends[doc]]
 
     def max_token(self) -> int:
+        """Largest token id (from meta.json when recorded there, else by reading every shard)."""
+        recorded = [shard.get("max_token_id") for shard in self.meta["shards"]]
+        if all(r is not None for r in recorded):
+            return max(recorded)
         return max(int(t.max()) for t in self._tokens if len(t))
 
 
@@ -586,7 +594,7 @@ class PackedLoader:
             out.positions[r, filled:] = np.arange(S - filled)
 
 
-def open_sources(specs: list[tuple[str, float]], cache_dir: Path, tokenizer: str, chat: ChatOptions | None = None,
+def open_sources(specs: list[tuple[str, float]], cache_dir: Path, tokenizer: str | None, chat: ChatOptions | None = None,
                  progress: bool = False) -> list[tuple[TokenDataset, float]]:
     return [(TokenDataset(ensure_prepared(spec, cache_dir, tokenizer, chat, progress)), weight)
             for spec, weight in specs]

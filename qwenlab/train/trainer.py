@@ -247,13 +247,11 @@ class Trainer:
         return None
 
     @property
-    def tokenizer_spec(self) -> str:
-        model = self.config.model
-        if model.tokenizer:
-            return model.tokenizer
-        if self.tokenizer_dir is None:
-            raise TrainingError(f"{model.checkpoint}: no tokenizer.json; set [model] tokenizer = ...")
-        return str(self.tokenizer_dir)
+    def tokenizer_spec(self) -> str | None:
+        """What raw data is tokenized with (None: no tokenizer; only prepared directories can be used)."""
+        if self.config.model.tokenizer:
+            return self.config.model.tokenizer
+        return str(self.tokenizer_dir) if self.tokenizer_dir else None
 
     def _base_config(self) -> ModelConfig:
         source = self.config.model
@@ -349,8 +347,8 @@ class Trainer:
         sources = open_sources([(s.path, s.weight) for s in specs], cache, self.tokenizer_spec, chat)
         vocab = self.model.config.vocab_size
         for dataset, _ in sources:
-            if dataset.max_token() >= vocab:
-                raise TrainingError(f"{dataset.path}: token id {dataset.max_token()} does not fit the model's "
+            if (top := dataset.max_token()) >= vocab:
+                raise TrainingError(f"{dataset.path}: token id {top} does not fit the model's "
                                     f"vocabulary of {vocab}; prepared with another tokenizer?")
         seed = self.config.seed * 1000 + index + (500 if eval_split else 0)
         return PackedLoader(sources, stage.seq_len, seed=seed, split_documents=stage.kind == "pretrain",

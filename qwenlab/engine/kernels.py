@@ -151,11 +151,35 @@ void rows_range_widened(const float* x, int64_t M, int64_t K, const uint16_t* w,
   if (n < n1) rows_range<1, 1>(x, M, K, w, n, n1, out, N, bias);
 }
 
+// Many rows (prefill, big decode batches) are compute-bound: widen ~2 MiB of weights at a time to float
+// and let the BLAS sgemm (packed, outer-product kernels) do the arithmetic.
+int64_t blas_min_rows = 16;
+
+template <typename OutT>
+void gemm_blas(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, OutT* out, const float* bias) {
+  auto xt = torch::from_blob(const_cast<float*>(x), {M, K}, torch::kFloat);
+  auto wt = torch::from_blob(const_cast<uint16_t*>(w), {N, K}, torch::kBFloat16);
+  const int64_t chunk = std::max<int64_t>(64, (2 << 20) / (4 * K));
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t c = std::min(chunk, N - n0);
+    auto y = at::mm(xt, wt.narrow(0, n0, c).to(torch::kFloat).t());
+    const float* yp = y.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; m++)
+        for (int64_t j = 0; j < c; j++) store(out + m * N + n0 + j, yp[m * c + j] + (bias ? bias[n0 + j] : 0.f));
+    });
+  }
+}
+
 template <typename OutT>
 void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, OutT* out,
                const float* bias = nullptr) {
   constexpr int64_t BLOCK = 16;
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
+  if (blas_min_rows > 0 && M >= blas_min_rows) {
+    gemm_blas(x, M, K, w, N, out, bias);
+    return;
+  }
   if (M >= 8) {
     const int64_t pass = rows_per_pass(K);
     for (int64_t m0 = 0; m0 < M; m0 += pass) {
@@ -211,6 +235,9 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
     gemm_bf16(xp, M, K, wp, N, out.data_ptr<float>(), bp);
   return out;
 }
+
+// Tuning hook: rows from which gemm_bf16 hands the arithmetic to the BLAS (0 = never).
+void set_blas_min_rows(int64_t rows) { blas_min_rows = rows; }
 
 // transformers' RMSNorm: statistics in float, normalised value rounded to x's dtype, then times weight
 // (rounded again when bf16). x [..., D] float or bf16 contiguous; weight [D] of x's dtype.
@@ -491,7 +518,7 @@ torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor expert_ids, torch:
 """
 
 _FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "moe_experts_bf16", "attention_inputs",
-              "mlp_bf16", "write_kv"]
+              "mlp_bf16", "write_kv", "set_blas_min_rows"]
 _module = None
 _failed = False
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..cli import register
@@ -28,10 +29,13 @@ def _train_run(args: argparse.Namespace) -> int:
     overrides = list(args.set) + (["run.progress=false"] if args.no_progress else [])
     config = load_recipe(args.recipe, overrides, world_size=world_size_from_env())
     summary = train(config, resume=args.resume, stop_after=args.stop_after)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     for stage in summary["stages"]:
         extra = f", held-out loss {stage['eval_loss']:.4f}" if stage.get("eval_loss") is not None else ""
         final = stage.get("final_loss")
-        print(f"stage {stage['name']}: final loss {final:.4f}{extra}" if final is not None else
+        state = " (stopped; continue with --resume)" if stage.get("stopped") else ""
+        print(f"stage {stage['name']}: last loss {final:.4f}{extra}{state}" if final is not None else
               f"stage {stage['name']}: no steps run")
     if summary.get("plot"):
         print(f"loss curves: {summary['plot']}")

@@ -129,3 +129,25 @@ def test_fused_attention_and_mlp_modules_match_the_stock_modules(ops, family):
     for got, ref in ((attn, attn_ref), (mlp, mlp_ref)):
         assert got.dtype == torch.bfloat16 and got.shape == ref.shape
         assert ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 2e-2
+
+
+def test_work_pool_with_two_threads_gives_the_same_results(ops):
+    """The kernels' own thread pool (two threads here): same answers, many calls in a row, nested calls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(5)
+        for M in (1, 3, 9, 40):
+            w = torch.randn(515, 96, generator=g).bfloat16()
+            x = torch.randn(M, 96, generator=g)
+            expected = F.linear(x, w.float())
+            for _ in range(20):
+                torch.testing.assert_close(ops.linear_bf16(x, w, None), expected, rtol=1e-5, atol=1e-5)
+        ops.set_blas_min_rows(16)  # the BLAS route for many rows
+        try:
+            x = torch.randn(40, 96, generator=g)
+            torch.testing.assert_close(ops.linear_bf16(x, w, None), F.linear(x, w.float()), rtol=1e-5, atol=1e-5)
+        finally:
+            ops.set_blas_min_rows(0)
+    finally:
+        torch.set_num_threads(previous)

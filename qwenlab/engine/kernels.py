@@ -41,8 +41,127 @@ _SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <unistd.h>
 
 namespace {
+
+// ---- a small work-sharing pool -----------------------------------------------------------------------
+// OpenMP's fork/join waits at every region's end for all its threads; on a shared, oversubscribed
+// machine one descheduled thread stalls every small kernel for a whole scheduler slice. Here the caller
+// claims chunks itself and only waits for chunks a helper has actually started: a helper that is not
+// running simply takes nothing. Helpers spin briefly between calls (decode issues them back to back),
+// then sleep on a condition variable.
+class WorkPool {
+ public:
+  static WorkPool& get() {
+    static std::mutex creation;
+    static WorkPool* pool = nullptr;
+    static int owner = 0;
+    std::lock_guard<std::mutex> lock(creation);
+    if (pool == nullptr || owner != getpid()) {  // first use, or a forked child: helpers do not survive fork
+      const int cores = std::max<int>(1, std::thread::hardware_concurrency());
+      pool = new WorkPool(std::min(63, std::max(cores, at::get_num_threads()) - 1));  // never destroyed
+      owner = getpid();
+    }
+    return *pool;
+  }
+
+  // Runs fn(i) for i in [0, n) on the caller and the helpers; returns when all are done.
+  void run(int64_t n, const std::function<void(int64_t)>& fn) {
+    const int threads = std::min<int>(at::get_num_threads(), int(helpers_) + 1);
+    if (n <= 1 || threads <= 1 || inside_ || n >= (1 << 20)) {
+      for (int64_t i = 0; i < n; i++) fn(i);
+      return;
+    }
+    fn_ = &fn;
+    active_helpers_.store(threads - 1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 40) + 1;
+    state_.store(((gen & 0xffffff) << 40) | (uint64_t(n) << 20), std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      wake_.notify_all();
+    }
+    inside_ = true;
+    work(gen & 0xffffff);
+    inside_ = false;
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; spins++) {
+      if (spins < 100000) _mm_pause();
+      else std::this_thread::yield();
+    }
+  }
+
+ private:
+  explicit WorkPool(int helpers) : helpers_(helpers) {
+    for (int i = 0; i < helpers; i++) std::thread([this, i] { helper(i); }).detach();
+  }
+
+  // Claim and run chunks of generation gen until none is left.
+  void work(uint64_t gen) {
+    while (true) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      const uint64_t g = s >> 40, n = (s >> 20) & 0xfffff, next = s & 0xfffff;
+      if (g != gen || next >= n) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+      (*fn_)(int64_t(next));
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void helper(int index) {
+    inside_ = true;
+    uint64_t seen = 0;
+    int spins = 0;
+    while (true) {
+      const uint64_t gen = state_.load(std::memory_order_acquire) >> 40;
+      if (gen != seen) {
+        seen = gen;
+        if (index < active_helpers_.load(std::memory_order_relaxed)) work(gen);
+        spins = 0;
+        continue;
+      }
+      if (++spins < 4000) {
+        _mm_pause();
+        continue;
+      }
+      std::unique_lock<std::mutex> lock(mutex_);
+      sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      wake_.wait(lock, [&] { return (state_.load(std::memory_order_seq_cst) >> 40) != seen; });
+      sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+      spins = 0;
+    }
+  }
+
+  const int helpers_;
+  std::atomic<uint64_t> state_{0};  // generation (24 bits) | chunk count (20) | next chunk (20)
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<int> active_helpers_{0};
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  static thread_local bool inside_;
+};
+thread_local bool WorkPool::inside_ = false;
+
+// parallel_for over [begin, end) in about 4 chunks per thread (at least grain items each).
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t total = end - begin;
+  if (total <= 0) return;
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (total + 4 * threads - 1) / (4 * threads));
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  const std::function<void(int64_t)> body = [&](int64_t i) {
+    f(begin + i * chunk, std::min(end, begin + (i + 1) * chunk));
+  };
+  WorkPool::get().run(chunks, body);
+}
 
 inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> 8 float
   __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -153,7 +272,7 @@ void rows_range_widened(const float* x, int64_t M, int64_t K, const uint16_t* w,
 
 // Many rows (prefill, big decode batches) are compute-bound: widen ~2 MiB of weights at a time to float
 // and let the BLAS sgemm (packed, outer-product kernels) do the arithmetic.
-int64_t blas_min_rows = 16;
+int64_t blas_min_rows = 0;  // off: the widened kernel stays robust on shared machines (see bench)
 
 template <typename OutT>
 void gemm_blas(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, OutT* out, const float* bias) {
@@ -164,7 +283,7 @@ void gemm_blas(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
     const int64_t c = std::min(chunk, N - n0);
     auto y = at::mm(xt, wt.narrow(0, n0, c).to(torch::kFloat).t());
     const float* yp = y.data_ptr<float>();
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; m++)
         for (int64_t j = 0; j < c; j++) store(out + m * N + n0 + j, yp[m * c + j] + (bias ? bias[n0 + j] : 0.f));
     });
@@ -184,13 +303,13 @@ void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
     const int64_t pass = rows_per_pass(K);
     for (int64_t m0 = 0; m0 < M; m0 += pass) {
       const int64_t rows = std::min(pass, M - m0);
-      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
         rows_range_widened(x + m0 * K, rows, K, w, b0 * BLOCK, std::min(N, b1 * BLOCK), out + m0 * N, N, bias);
       });
     }
     return;
   }
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     int64_t n0 = b0 * BLOCK, n1 = std::min(N, b1 * BLOCK);
     if (M == 1) rows_range<1, 8>(x, M, K, w, n0, n1, out, N, bias);
     else if (M == 2) rows_range<2, 6>(x, M, K, w, n0, n1, out, N, bias);
@@ -248,7 +367,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   const bool bf16 = xc.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || xc.scalar_type() == at::kFloat, "rms_norm: float32 or bfloat16");
   TORCH_CHECK(weight.scalar_type() == xc.scalar_type() && weight.is_contiguous(), "rms_norm: weight dtype");
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+  parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       float sum = 0.f;
       if (bf16) {
@@ -279,7 +398,7 @@ void paged_decode_impl(const float* q, const T* kc, const T* vc, const int32_t* 
                        float* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t max_blocks,
                        float scale) {
   const int64_t G = H / KVH;
-  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+  parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     std::vector<float> acc(G * D);
     for (int64_t i = i0; i < i1; i++) {
@@ -361,7 +480,7 @@ const float* opt_float(const c10::optional<torch::Tensor>& t, torch::Tensor& kee
 void norm_rope_store(float* rows, int64_t T, int64_t heads, int64_t D, const float* norm_w, float eps,
                      const float* cos, const float* sin, bool bf16, torch::Tensor& out) {
   const int64_t half = D / 2;
-  at::parallel_for(0, T * heads, 16, [&](int64_t i0, int64_t i1) {
+  parallel_for(0, T * heads, 16, [&](int64_t i0, int64_t i1) {
     std::vector<float> y(D);
     for (int64_t i = i0; i < i1; i++) {
       const int64_t t = i / heads, h = i % heads;

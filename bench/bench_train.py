@@ -50,14 +50,15 @@ from qwenlab.train.recipes import MoEConfig  # noqa: E402
 from qwenlab.train.recipes import OptimConfig  # noqa: E402
 from qwenlab.train.trainer import build_optimizer, flops_per_token, measured_matmul_flops, training_step  # noqa: E402
 
+SPECIAL_IDS = dict(bos_token_id=8190, eos_token_id=8191)  # inside the small vocabulary
 MODELS = {
     "dense (qwen3, 4 layers, H=256)": ("qwen3-0.6b", dict(
         vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, rope_theta=1e6, tie_word_embeddings=True)),
+        num_key_value_heads=2, head_dim=64, rope_theta=1e6, tie_word_embeddings=True, **SPECIAL_IDS)),
     "MoE (qwen3_moe, 4 layers, 16 experts top-4)": ("qwen3-30b-a3b", dict(
         vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
-        norm_topk_prob=True, rope_theta=1e6)),
+        norm_topk_prob=True, rope_theta=1e6, **SPECIAL_IDS)),
 }
 
 

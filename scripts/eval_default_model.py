@@ -2,15 +2,17 @@
 
 * reasoning tasks with thinking on (held-out problems of the trained difficulty, none seen in training):
   correct = the answer sentence of the task (e.g. "347 + 586 = 933.") appears in the parsed content, and
-  the reasoning was parsed out of <think>
+  the reasoning was parsed out of <think>; well-formed = the output ended by itself with a parsed reasoning
+  (thinking on), a non-empty answer and no stray </think> (the format, right or wrong)
 * the same kind of problems with ``enable_thinking=False``: respected = no reasoning parsed and no <think>
   in the output; accuracy reported too
 * tool use: tools offered (the right one among up to three), a question one of them fits. Valid call = the
   engine's parser (qwenlab.parsing) yields exactly one call with the right name and arguments; then the
-  tool's result is fed back and the final answer must quote it (temperature and condition, time, price...)
+  tool's result is fed back and the final answer must quote it (temperature and condition, time, price...);
+  also counted: a call parsed at all, and the right tool's name (the format without the arguments)
 * perplexity of every stage's exported checkpoint on every held-out set (prose, code, long, SFT chats)
 
-    .venv/bin/python scripts/eval_default_model.py --per-kind 40 --out docs/default-model-eval.json
+    .venv/bin/python scripts/eval_default_model.py --per-kind 10 --tools 10 --ppl-rows 4 --out docs/default-model-eval.json
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def reasoning_eval(llm, params, per_kind: int, rng, seen, thinking: bool) -> dic
         tasks = held_out(synth.TASK_MAKERS[kind], per_kind, rng, seen)
         outs = llm.chat([[{"role": "user", "content": t["question"]}] for t in tasks], params,
                         enable_thinking=thinking)
-        correct = respected = 0
+        correct = respected = formatted = 0
         failures = []
         for task, out in zip(tasks, outs):
             c = out.outputs[0]
@@ -64,9 +66,12 @@ def reasoning_eval(llm, params, per_kind: int, rng, seen, thinking: bool) -> dic
                                                 if thinking else True)
             correct += ok
             respected += (not (c.reasoning_content or "").strip()) and "<think>" not in c.text
+            formatted += c.finish_reason == "stop" and bool(content.strip()) and "</think>" not in content and (
+                bool((c.reasoning_content or "").strip()) if thinking else True)
             if not ok and len(failures) < 3:
                 failures.append({"question": task["question"], "expected": task["answer"], "output": c.text})
-        results[kind] = {"n": len(tasks), "correct": correct / len(tasks), "failures": failures}
+        results[kind] = {"n": len(tasks), "correct": correct / len(tasks),
+                         "well_formed": formatted / len(tasks), "failures": failures}
         if not thinking:
             results[kind]["thinking_off_respected"] = respected / len(tasks)
         print(f"  {kind:8s} thinking={'on ' if thinking else 'off'} correct {correct}/{len(tasks)}"
@@ -78,6 +83,8 @@ def chat_batch(llm, params, conversations, tools_list, thinking):
     """LLM.chat for many conversations that each offer their own tools: render, generate in one batch, parse."""
     from qwenlab.parsing import parse_output, thinking_mode
 
+    if not conversations:
+        return []
     prompts = [llm.tokenizer.apply_chat_template(c, tools=t, enable_thinking=thinking)
                for c, t in zip(conversations, tools_list)]
     outs = llm.generate(prompts, params)
@@ -90,8 +97,11 @@ def tool_eval(llm, params, n: int, rng, seen, thinking: bool) -> dict:
     convos = [[{"role": "user", "content": t["question"]}] for t in tasks]
     firsts = chat_batch(llm, params, convos, [t["tools"] for t in tasks], thinking)
     valid, final_ok, failures, second = 0, 0, [], []
+    parsed = right_name = 0  # what the format alone gets right: a call parsed at all, and the right tool
     for task, convo, (text, out) in zip(tasks, convos, firsts):
         calls = out.tool_calls or []
+        parsed += len(calls) >= 1
+        right_name += len(calls) == 1 and calls[0].name == task["name"]
         ok = (len(calls) == 1 and calls[0].name == task["name"]
               and _json(calls[0].arguments) == task["arguments"])
         valid += ok
@@ -112,8 +122,9 @@ def tool_eval(llm, params, n: int, rng, seen, thinking: bool) -> dict:
         if not good and len(failures) < 6:
             failures.append({"question": task["question"], "tool_result": task["result"], "output": text})
     print(f"  tools    thinking={'on ' if thinking else 'off'} valid call {valid}/{n}, "
-          f"correct final answer {final_ok}/{n}", file=sys.stderr, flush=True)
-    return {"n": n, "valid_call": valid / n, "final_answer_correct": final_ok / n,
+          f"correct final answer {final_ok}/{n} (a call parsed {parsed}/{n}, right tool {right_name}/{n})",
+          file=sys.stderr, flush=True)
+    return {"n": n, "call_parsed": parsed / n, "right_tool_name": right_name / n, "valid_call": valid / n, "final_answer_correct": final_ok / n,
             "final_correct_given_valid_call": final_ok / max(1, valid), "failures": failures}
 
 
@@ -150,7 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="build/default")
     p.add_argument("--run", default="runs/default")
     p.add_argument("--ppl-rows", type=int, default=8, help="rows per held-out set for perplexity (0: skip)")
-    p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--max-tokens", type=int, default=240, help="per answer (the longest trained answer is ~150)")
+    p.add_argument("--out", default=None, help="write the results as JSON (after every section)")
     args = p.parse_args(argv)
 
     from qwenlab.assets import default_model_dir
@@ -158,15 +170,24 @@ def main(argv=None) -> int:
 
     model = args.model or str(default_model_dir())
     llm = LLM(model, dtype="float32")
-    params = SamplingParams(temperature=0.0, max_tokens=320)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     rng = random.Random(args.seed)
     seen = seen_questions(ROOT / args.work / "sft" / "train.jsonl")
     started = time.perf_counter()
     report = {"model": model, "seed": args.seed, "greedy": True}
+
+    def save():
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
     report["thinking_on"] = reasoning_eval(llm, params, args.per_kind, rng, seen, thinking=True)
+    save()
     report["thinking_off"] = reasoning_eval(llm, params, args.per_kind, rng, seen, thinking=False)
+    save()
     report["tools_thinking_on"] = tool_eval(llm, params, args.tools, rng, seen, thinking=True)
+    save()
     report["tools_thinking_off"] = tool_eval(llm, params, args.tools // 2, rng, seen, thinking=False)
+    save()
     on = report["thinking_on"]
     off = report["thinking_off"]
     report["summary"] = {

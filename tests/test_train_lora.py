@@ -87,8 +87,6 @@ def test_lora_refuses_a_tied_head():
 
 
 def test_lora_training_updates_only_the_adapter(tmp_path):
-    from qwenlab.train.data import prepare  # noqa: F401  (the run prepares its synthetic data itself)
-
     base_run = recipe(tmp_path / "base", steps=(2,))
     run(base_run)
     base = tmp_path / "base" / "stages" / "01-s1"

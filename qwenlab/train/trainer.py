@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..checkpoint import build_empty, load_model, to_torch_dtype
 from ..config import ModelConfig, preset
 from ..errors import TrainingError
 from . import distributed as D
-from .checkpointing import CheckpointManager, copy_tokenizer_files, merge_lora_state, write_hf_checkpoint
+from .checkpointing import CheckpointManager, merge_lora_state, write_hf_checkpoint
 from .data import IGNORE_INDEX, ChatOptions, DocumentAttention, PackedLoader, Rows, open_sources
 from .lora import apply_lora, load_lora_state, read_adapter, save_adapter
 from .losses import BalanceTracker, cross_entropy_sum, expert_load_summary, router_z_sum
@@ -361,7 +362,6 @@ class Trainer:
         info, config = self.info, self.config
         set_model_config(self.model, self._stage_config(stage))
         loader = self._loader(stage, stage.data, index)
-        eval_loader_specs = stage.eval
         optimizer = self._optimizer(stage.optim)
         start = 0
         if resume is not None:
@@ -494,8 +494,6 @@ class Trainer:
             return
         target = self.run_dir / "stages" / f"{index + 1:02d}-{stage.name}"
         tmp = target.with_name(f".tmp-{target.name}")
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         lora_config = getattr(self.model, "lora_config", None)
         if lora_config is not None:
@@ -526,4 +524,5 @@ def train(config: RunConfig, resume: bool = False, stop_after: int | None = None
         D.shutdown(info)
 
 
-__all__ = ["Trainer", "train", "learning_rate", "flops_per_token", "set_model_config", "copy_tokenizer_files"]
+__all__ = ["StepLoss", "Trainer", "build_optimizer", "flops_per_token", "learning_rate", "set_model_config", "train",
+           "training_step"]

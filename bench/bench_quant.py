@@ -175,13 +175,13 @@ def ours(directory: Path, quantization: str | None, repeats: int, new_tokens: in
 
 
 def drift(directory: Path, quantization: str) -> float:
-    """Relative L2 error of the last-position logits (64 random tokens, 4 prompts) vs the bf16 weights
+    """Relative L2 error of the last-position logits (2 prompts of 32 random tokens) vs the bf16 weights
     computed in float32."""
     import torch
 
     from qwenlab.checkpoint import load_model
 
-    ids = torch.randint(0, 151936, (4, 64), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 151936, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref = load_model(directory, dtype="float32")(ids)[:, -1]
         out = load_model(directory, dtype="float32", quantization=quantization)(ids)[:, -1]

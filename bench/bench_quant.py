@@ -234,9 +234,9 @@ def transformers_bf16(directory: Path, repeats: int, new_tokens: int, prompt_len
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
-def table(results: list[dict], bandwidth: float) -> str:
+def table(results: list[dict], bandwidth: float, prompt_len: int = 512) -> str:
     lines = ["| shape | engine, format | decode tok/s | GB/token | roofline tok/s | share of roofline | "
-             "prefill 512 tok/s | logit drift |", "|---|---|---|---|---|---|---|---|"]
+             f"prefill {prompt_len} tok/s | logit drift |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         roof = bandwidth * 1e9 / r["bytes"]
         d = f"{r['drift'] * 100:.2f}%" if r.get("drift") is not None else "—"
@@ -322,7 +322,7 @@ def main() -> int:
         if "transformers" not in args.skip:
             record(shape, "transformers bf16", transformers_bf16(directory, args.repeats, args.new_tokens,
                                                                  args.prompt_len))
-    report = table(results, bandwidth)
+    report = table(results, bandwidth, args.prompt_len)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"bandwidth_gbs": bandwidth, "load_before": load_before, "load_after": os.getloadavg(),

@@ -22,7 +22,7 @@ def ops():
     return module
 
 
-@pytest.mark.parametrize("M,K,N", [(1, 64, 40), (2, 72, 13), (3, 100, 9), (5, 64, 33), (7, 13, 5), (9, 64, 21), (40, 96, 70)])
+@pytest.mark.parametrize("M,K,N", [(1, 64, 40), (2, 72, 13), (3, 100, 9), (5, 64, 33), (7, 13, 5), (9, 64, 21), (17, 13, 21), (40, 96, 70)])
 def test_linear_bf16(ops, M, K, N):
     g = torch.Generator().manual_seed(M * 1000 + K)
     w = torch.randn(N, K, generator=g).bfloat16()

@@ -42,6 +42,7 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
@@ -116,16 +117,18 @@ class WorkPool {
   void helper(int index) {
     inside_ = true;
     uint64_t seen = 0;
+    auto idle_since = std::chrono::steady_clock::now();
     int spins = 0;
     while (true) {
       const uint64_t gen = state_.load(std::memory_order_acquire) >> 40;
       if (gen != seen) {
         seen = gen;
         if (index < active_helpers_.load(std::memory_order_relaxed)) work(gen);
-        spins = 0;
+        idle_since = std::chrono::steady_clock::now();
         continue;
       }
-      if (++spins < 4000) {
+      // Stay awake a while: a decode step issues its kernels tens of microseconds apart.
+      if ((++spins & 255) != 0 || std::chrono::steady_clock::now() - idle_since < std::chrono::microseconds(SPIN_US)) {
         _mm_pause();
         continue;
       }
@@ -137,6 +140,7 @@ class WorkPool {
     }
   }
 
+  static constexpr int SPIN_US = 300;
   const int helpers_;
   std::atomic<uint64_t> state_{0};  // generation (24 bits) | chunk count (20) | next chunk (20)
   std::atomic<int64_t> done_{0};
@@ -149,13 +153,16 @@ class WorkPool {
 };
 thread_local bool WorkPool::inside_ = false;
 
-// parallel_for over [begin, end) in about 4 chunks per thread (at least grain items each).
+int64_t chunks_per_thread = 4;
+
+// parallel_for over [begin, end) in about chunks_per_thread chunks per thread (at least grain items each).
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t total = end - begin;
   if (total <= 0) return;
   const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (total + 4 * threads - 1) / (4 * threads));
+  const int64_t per = chunks_per_thread;
+  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (total + per * threads - 1) / (per * threads));
   const int64_t chunks = (total + chunk - 1) / chunk;
   const std::function<void(int64_t)> body = [&](int64_t i) {
     f(begin + i * chunk, std::min(end, begin + (i + 1) * chunk));
@@ -238,41 +245,113 @@ void rows_range(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t
     }
 }
 
-// Rows of x per pass when the weights are widened once per block of NT rows and reused across many rows
-// of x: sized so a pass of x stays in L2 (256 KiB).
-inline int64_t rows_per_pass(int64_t K) { return std::max<int64_t>(12, (256 * 1024 / (4 * K)) / 12 * 12); }
-
-// Many rows (prefill, large decode batches): widen each block of 4 weight rows to float once (in L1),
-// then run a pure float 3x4 register tile over every row of x in the pass.
-template <typename OutT>
-void rows_range_widened(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
-                        OutT* out, int64_t N, const float* bias) {
-  constexpr int NT = 4, MT = 3;
-  std::vector<float> wf(NT * K);
-  float tile[MT * NT];
-  int64_t n = n0;
-  for (; n + NT <= n1; n += NT) {
-    for (int64_t i = 0; i < NT * K; i++) wf[i] = to_f(w[n * K + i]);
-    int64_t m = 0;
-    auto emit = [&](int mt) {
-      for (int i = 0; i < mt; i++)
-        for (int j = 0; j < NT; j++) store(out + (m + i) * N + n + j, tile[i * NT + j] + (bias ? bias[n + j] : 0.f));
-    };
-    for (; m + MT <= M; m += MT) {
-      dot_tile<MT, NT>(x + m * K, K, wf.data(), K, K, tile, NT);
-      emit(MT);
-    }
-    for (; m < M; m++) {
-      dot_tile<1, NT>(x + m * K, K, wf.data(), K, K, tile, NT);
-      emit(1);
+// Many rows (prefill, batched decode): the classic outer-product GEMM micro-kernel. A block of 16 weight
+// rows is widened to float and packed k-major (wp[k][16], in L1/L2), then each tile of 6 rows of x
+// accumulates a 6 x 16 output block in 12 registers: per k, two weight loads, six broadcasts, 12 FMAs.
+template <int MR>
+inline void tile_6x16(const float* x, int64_t K, const float* wp, float* tile) {
+  __m256 c[MR][2];
+  for (int i = 0; i < MR; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k++) {
+    const __m256 w0 = _mm256_loadu_ps(wp + k * 16), w1 = _mm256_loadu_ps(wp + k * 16 + 8);
+    for (int i = 0; i < MR; i++) {
+      const __m256 b = _mm256_broadcast_ss(x + i * K + k);
+      c[i][0] = _mm256_fmadd_ps(b, w0, c[i][0]);
+      c[i][1] = _mm256_fmadd_ps(b, w1, c[i][1]);
     }
   }
-  if (n < n1) rows_range<1, 1>(x, M, K, w, n, n1, out, N, bias);
+  for (int i = 0; i < MR; i++) {
+    _mm256_storeu_ps(tile + i * 16, c[i][0]);
+    _mm256_storeu_ps(tile + i * 16 + 8, c[i][1]);
+  }
 }
 
-// Many rows (prefill, big decode batches) are compute-bound: widen ~2 MiB of weights at a time to float
-// and let the BLAS sgemm (packed, outer-product kernels) do the arithmetic.
-int64_t blas_min_rows = 0;  // off: the widened kernel stays robust on shared machines (see bench)
+// Widen 8 rows x 8 columns of bf16 weights and transpose them into wp[k][16] (columns j0..j0+7).
+inline void pack_8x8(const uint16_t* w, int64_t K, int64_t rows, int64_t k, float* dst) {
+  __m256 r[8];
+  for (int i = 0; i < 8; i++) r[i] = i < rows ? load8(w + i * K + k) : _mm256_setzero_ps();
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; i++) {
+    _mm256_storeu_ps(dst + i * 16, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * 16, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+
+// wp[k][j] = w[n + j][k] as float for j < 16 (zero beyond nr rows).
+inline void pack_block(const uint16_t* w, int64_t K, int64_t nr, float* wp) {
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    pack_8x8(w, K, std::min<int64_t>(8, nr), k, wp + k * 16);
+    pack_8x8(w + 8 * K, K, std::max<int64_t>(0, nr - 8), k, wp + k * 16 + 8);
+  }
+  for (; k < K; k++)
+    for (int64_t j = 0; j < 16; j++) wp[k * 16 + j] = j < nr ? to_f(w[j * K + k]) : 0.f;
+}
+
+template <typename OutT>
+void rows_range_packed(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1,
+                       OutT* out, int64_t N, const float* bias) {
+  constexpr int NR = 16, MR = 6;
+  std::vector<float> wp(K * NR);
+  float tile[MR * NR];
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int64_t nr = std::min<int64_t>(NR, n1 - n);
+    pack_block(w + n * K, K, nr, wp.data());
+    for (int64_t m = 0; m < M; m += MR) {
+      const int64_t mr = std::min<int64_t>(MR, M - m);
+      switch (mr) {
+        case 6: tile_6x16<6>(x + m * K, K, wp.data(), tile); break;
+        case 5: tile_6x16<5>(x + m * K, K, wp.data(), tile); break;
+        case 4: tile_6x16<4>(x + m * K, K, wp.data(), tile); break;
+        case 3: tile_6x16<3>(x + m * K, K, wp.data(), tile); break;
+        case 2: tile_6x16<2>(x + m * K, K, wp.data(), tile); break;
+        default: tile_6x16<1>(x + m * K, K, wp.data(), tile); break;
+      }
+      for (int64_t i = 0; i < mr; i++)
+        for (int64_t j = 0; j < nr; j++)
+          store(out + (m + i) * N + n + j, tile[i * NR + j] + (bias ? bias[n + j] : 0.f));
+    }
+  }
+}
+
+// One row of x (batch-1 decode): pure bandwidth. Each thread streams its weight rows strictly in
+// order (one long sequential read the hardware prefetcher follows) with four accumulators, and asks
+// for the data 1 KiB ahead.
+template <typename OutT>
+void gemv_rows(const float* x, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, OutT* out, const float* bias) {
+  const int64_t K32 = K / 32 * 32;
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* row = w + n * K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k < K32; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k) + 1024, _MM_HINT_T0);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(row + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8(row + k + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load8(row + k + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load8(row + k + 24), a3);
+    }
+    float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) sum += x[k] * to_f(row[k]);
+    store(out + n, sum + (bias ? bias[n] : 0.f));
+  }
+}
+
+// Alternative for many rows, off by default (0): widen ~2 MiB of weights at a time to float and call the
+// BLAS sgemm. Slower than the packed kernel on a shared machine (its OpenMP threads wait for each other).
+int64_t blas_min_rows = 0;
+// From this many rows on, the packed outer-product kernel; below, register tiles over bf16 rows directly.
+int64_t packed_min_rows = 0;  // 0 = never: on AVX2 the direct 3x4 tiles measured faster (bench notes)
 
 template <typename OutT>
 void gemm_blas(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, OutT* out, const float* bias) {
@@ -299,19 +378,15 @@ void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
     gemm_blas(x, M, K, w, N, out, bias);
     return;
   }
-  if (M >= 8) {
-    const int64_t pass = rows_per_pass(K);
-    for (int64_t m0 = 0; m0 < M; m0 += pass) {
-      const int64_t rows = std::min(pass, M - m0);
-      parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        rows_range_widened(x + m0 * K, rows, K, w, b0 * BLOCK, std::min(N, b1 * BLOCK), out + m0 * N, N, bias);
-      });
-    }
+  if (packed_min_rows > 0 && M >= packed_min_rows) {  // each weight block is widened once and serves every row of x
+    parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      rows_range_packed(x, M, K, w, b0 * BLOCK, std::min(N, b1 * BLOCK), out, N, bias);
+    });
     return;
   }
   parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     int64_t n0 = b0 * BLOCK, n1 = std::min(N, b1 * BLOCK);
-    if (M == 1) rows_range<1, 8>(x, M, K, w, n0, n1, out, N, bias);
+    if (M == 1) gemv_rows(x, K, w, n0, n1, out, bias);
     else if (M == 2) rows_range<2, 6>(x, M, K, w, n0, n1, out, N, bias);
     else rows_range<3, 4>(x, M, K, w, n0, n1, out, N, bias);
   });
@@ -355,8 +430,32 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   return out;
 }
 
+// Read bandwidth probe for the benchmarks: sums a float buffer with all threads (AVX2 loads, prefetch).
+double read_sum(torch::Tensor buffer) {
+  const float* p = buffer.data_ptr<float>();
+  const int64_t n = buffer.numel() / 64 * 64;
+  const int64_t chunk = 1 << 20, chunks = (n + chunk - 1) / chunk;
+  std::vector<double> partial(chunks, 0.0);
+  parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = c0 * chunk; i < std::min(n, c1 * chunk); i += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + i) + 2048, _MM_HINT_T0);
+      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+      a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+      a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+    }
+    partial[c0] += hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  });
+  double total = 0;
+  for (double v : partial) total += v;
+  return total;
+}
+
 // Tuning hook: rows from which gemm_bf16 hands the arithmetic to the BLAS (0 = never).
 void set_blas_min_rows(int64_t rows) { blas_min_rows = rows; }
+void set_packed_min_rows(int64_t rows) { packed_min_rows = rows; }
+void set_chunks_per_thread(int64_t chunks) { chunks_per_thread = std::max<int64_t>(1, chunks); }
 
 // transformers' RMSNorm: statistics in float, normalised value rounded to x's dtype, then times weight
 // (rounded again when bf16). x [..., D] float or bf16 contiguous; weight [D] of x's dtype.
@@ -637,7 +736,7 @@ torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor expert_ids, torch:
 """
 
 _FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "moe_experts_bf16", "attention_inputs",
-              "mlp_bf16", "write_kv", "set_blas_min_rows"]
+              "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread"]
 _module = None
 _failed = False
 

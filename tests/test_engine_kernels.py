@@ -148,6 +148,6 @@ def test_work_pool_with_two_threads_gives_the_same_results(ops):
             x = torch.randn(40, 96, generator=g)
             torch.testing.assert_close(ops.linear_bf16(x, w, None), F.linear(x, w.float()), rtol=1e-5, atol=1e-5)
         finally:
-            ops.set_blas_min_rows(0)
+            ops.set_blas_min_rows(128)  # the default
     finally:
         torch.set_num_threads(previous)

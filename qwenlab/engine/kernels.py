@@ -347,9 +347,10 @@ void gemv_rows(const float* x, int64_t K, const uint16_t* w, int64_t n0, int64_t
   }
 }
 
-// Alternative for many rows, off by default (0): widen ~2 MiB of weights at a time to float and call the
-// BLAS sgemm. Slower than the packed kernel on a shared machine (its OpenMP threads wait for each other).
-int64_t blas_min_rows = 0;
+// Prefill-sized products (>= 128 rows) are compute-bound: widen ~2 MiB of weights at a time to float and
+// call the BLAS sgemm, about 15% faster than the register tiles on an idle machine (slower on an
+// oversubscribed one, where its OpenMP threads wait for each other). 0 turns it off.
+int64_t blas_min_rows = 128;
 // From this many rows on, the packed outer-product kernel; below, register tiles over bf16 rows directly.
 int64_t packed_min_rows = 0;  // 0 = never: on AVX2 the direct 3x4 tiles measured faster (bench notes)
 

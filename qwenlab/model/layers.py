@@ -178,9 +178,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        # head counts from the projections' widths: under tensor parallel each rank holds heads / T of them
+        q = self.q_proj(x).view(B, S, -1, self.head_dim)
+        k = self.k_proj(x).view(B, S, -1, self.head_dim)
+        v = self.v_proj(x).view(B, S, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # RoPE after the transpose, as transformers does: the attention kernel then sees the same memory
@@ -188,7 +189,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = context.attend(self.layer_idx, q, k, v, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class MLP(nn.Module):

@@ -1,11 +1,16 @@
-"""Scale-out with torch.distributed: a 1-D data-parallel device mesh and FSDP2 (``fully_shard``).
+"""Scale-out with torch.distributed: FSDP2 (``fully_shard``) data parallelism, optionally DTensor tensor
+parallelism, on a device mesh.
 
-As in torchtitan, parallelism is *applied* to an ordinary single-device model: activation checkpointing
-and ``torch.compile`` per decoder layer, then ``fully_shard`` on every decoder layer and on the root
-(embedding, final norm and LM head, tied or not, form the root's group). Launched by torchrun::
+As in torchtitan, parallelism is *applied* to an ordinary single-device model: tensor parallel first
+(``parallelize_module`` on every decoder layer), then activation checkpointing and ``torch.compile`` per
+decoder layer, then ``fully_shard`` on every decoder layer and on the root (embedding, final norm and LM
+head, tied or not, form the root's group). Launched by torchrun::
 
     torchrun --nproc-per-node 2 -m qwenlab train recipe.toml
 
+``run.tensor_parallel = T`` splits the world into ``W / T`` data-parallel groups of ``T`` tensor-parallel
+ranks: a 2-D mesh ("dp", "tp"), ranks of one tp group adjacent (same node), FSDP2 on "dp" only when it has
+more than one rank. Under TP each rank of a tp group sees the same rows; the data is split by dp rank.
 gloo on CPU, nccl on CUDA. A single process (no torchrun) skips all of it and trains the plain model.
 """
 
@@ -20,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import TrainingError
+from .recipes import check_world
 
 
 @dataclass
@@ -28,7 +34,9 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    mesh: object | None = None
+    mesh: object | None = None  # the data-parallel mesh FSDP2 shards over ("dp"; a sub-mesh under TP)
+    tp: int = 1  # tensor-parallel ranks per data-parallel group
+    tp_mesh: object | None = None
 
     @property
     def is_main(self) -> bool:
@@ -38,14 +46,28 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: how many different slices of every global batch are trained at once."""
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def fsdp(self) -> bool:
+        return self.dp_size > 1
+
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun set up (if any) and pick this rank's device."""
+def init_distributed(device: str = "auto", tensor_parallel: int = 1) -> DistInfo:
+    """Join the process group torchrun set up (if any), pick this rank's device, build the device mesh."""
     world = world_size_from_env()
+    check_world(world, tensor_parallel)
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,15 +80,34 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    info = DistInfo(rank, world, local_rank, dev)
+    info = DistInfo(rank, world, local_rank, dev, tp=tensor_parallel)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=30))
-        info.mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
+        if tensor_parallel == 1:
+            info.mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
+        else:
+            mesh = init_device_mesh(dev.type, (world // tensor_parallel, tensor_parallel),
+                                    mesh_dim_names=("dp", "tp"))
+            info.mesh, info.tp_mesh = mesh["dp"], mesh["tp"]
     return info
+
+
+def check_tensor_parallel(config, tensor_parallel: int) -> None:
+    """Refuse a model whose attention heads or MLP width cannot be split evenly over ``tensor_parallel`` ranks."""
+    if tensor_parallel == 1:
+        return
+    sizes = {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads}
+    if any(not config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
+        sizes["intermediate_size"] = config.intermediate_size
+    bad = {name: value for name, value in sizes.items() if value % tensor_parallel}
+    if bad:
+        listed = ", ".join(f"{name} = {value}" for name, value in bad.items())
+        raise TrainingError(f"run.tensor_parallel = {tensor_parallel} must divide the model's {listed} "
+                            f"(heads and MLP columns are split evenly over the tensor-parallel ranks)")
 
 
 def shutdown(info: DistInfo) -> None:
@@ -75,8 +116,9 @@ def shutdown(info: DistInfo) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sum over the data-parallel ranks (the ranks of one tensor-parallel group hold the same values)."""
+    if info.dp_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=info.mesh.get_group() if info.tp > 1 else None)
     return tensor
 
 
@@ -112,13 +154,69 @@ def apply_compile(model: nn.Module) -> None:
         layer.compile()
 
 
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Megatron-style TP of every decoder layer through DTensor (as torchtitan does for Llama / Qwen).
+
+    q/k/v and gate/up are split by output columns (ColwiseParallel: each rank computes heads / T of the
+    heads and intermediate / T of the MLP width), o_proj and down_proj by input rows (RowwiseParallel: a
+    partial sum all-reduced to the full hidden state). The attention module reads the local head count off
+    the projected tensor. QK-norm is per head: its weight stays whole and replicated on every rank
+    (a replicated DTensor, so its gradient, a sum over the local heads, is reduced over the tp ranks).
+    Embedding, final norm, LM head, the other norms and MoE blocks (router, experts, shared expert) stay
+    replicated: every tp rank computes them in full on the same rows, so their gradients already agree.
+    """
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+
+    for layer in model.model.layers:
+        plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+                "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel()}
+        if layer.self_attn.q_norm is not None:
+            # input [B, S, local heads, head_dim]: a DTensor sharded on the head axis, weight replicated
+            plan["self_attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["self_attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        if hasattr(layer.mlp, "gate_proj"):  # dense SwiGLU (MoE blocks stay replicated)
+            plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                         "mlp.down_proj": RowwiseParallel()})
+        parallelize_module(layer, tp_mesh, plan)
+
+
+def _reduce_partial_grads(model: nn.Module) -> None:
+    """TP without FSDP: a replicated weight applied to head-sharded activations (QK-norm) receives a partial
+    gradient (the sum over this rank's heads). DTensor would reduce it lazily wherever it is used (grad norm,
+    AdamW); reduce it once, as soon as it is accumulated, so that ``.grad`` always holds the full gradient.
+    (FSDP2 does the same redistribution itself before its reduce-scatter.)"""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def reduce(param):
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
+            param.grad = grad.redistribute(placements=[Replicate()] * grad.device_mesh.ndim)
+
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor) and all(p.is_replicate() for p in param.placements):
+            param.register_post_accumulate_grad_hook(reduce)
+
+
+def mesh_key(tensor: torch.Tensor):
+    """The device mesh a (DTensor) parameter or gradient lives on; None for a plain tensor. Fused / foreach
+    kernels (AdamW, norms) need lists of tensors on one mesh."""
+    mesh = getattr(tensor, "device_mesh", None)
+    return None if mesh is None else (mesh.mesh_dim_names, tuple(mesh.mesh.flatten().tolist()))
+
+
 def parallelize(model: nn.Module, info: DistInfo, mixed_precision: str = "none",
                 activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+    if info.tp > 1:
+        check_tensor_parallel(model.config, info.tp)
+        apply_tensor_parallel(model, info.tp_mesh)
+        if not info.fsdp:
+            _reduce_partial_grads(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
-    if not info.enabled:
+    if not info.fsdp:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

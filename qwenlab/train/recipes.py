@@ -124,6 +124,7 @@ class RunConfig:
     peak_tflops: float | None = None  # for MFU; None: from the GPU model, or measured on CPU
     progress: bool = True
     threads: int | None = None  # torch.set_num_threads on CPU
+    tensor_parallel: int = 1  # ranks per tensor-parallel group (DTensor TP); world / this = data-parallel ranks
 
     def validate(self, world_size: int = 1) -> "RunConfig":
         if not self.stages:
@@ -143,9 +144,20 @@ class RunConfig:
             raise TrainingError("run.keep_last must be at least 1")
         if self.lora is not None and (self.lora.rank <= 0 or not self.lora.targets):
             raise TrainingError("lora.rank must be positive and lora.targets non-empty")
+        check_world(world_size, self.tensor_parallel)
+        if self.tensor_parallel > 1 and self.lora is not None:
+            raise TrainingError("run.tensor_parallel > 1 is not supported with [lora]")
         for stage in self.stages:
-            _validate_stage(stage, world_size)
+            _validate_stage(stage, world_size // self.tensor_parallel)
         return self
+
+
+def check_world(world: int, tensor_parallel: int) -> None:
+    if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
+        raise TrainingError(f"run.tensor_parallel must be a positive integer, got {tensor_parallel!r}")
+    if world % tensor_parallel:
+        raise TrainingError(f"run.tensor_parallel = {tensor_parallel} does not divide the world size {world} "
+                            f"(run under torchrun with a multiple of {tensor_parallel} processes)")
 
 
 def _validate_stage(stage: StageConfig, world_size: int) -> None:
@@ -160,7 +172,7 @@ def _validate_stage(stage: StageConfig, world_size: int) -> None:
     micro = stage.micro_rows(world_size)
     if stage.global_batch % (micro * world_size):
         raise TrainingError(f"{where}: global_batch {stage.global_batch} is not a multiple of micro_batch {micro} "
-                            f"x {world_size} process(es)")
+                            f"x {world_size} data-parallel process(es)")
     optim = stage.optim
     if optim.schedule not in SCHEDULES:
         raise TrainingError(f"{where}: optim.schedule must be one of {', '.join(SCHEDULES)}, got {optim.schedule!r}")

@@ -103,12 +103,20 @@ def count_moe_layers(config: ModelConfig) -> int:
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+    """Decayed (matrices) and not decayed parameters; under tensor parallel one pair per device mesh
+    (sharded DTensors and replicated parameters cannot share one fused kernel call)."""
+    found: dict[str, tuple[list, list]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        decay, no_decay = found.setdefault(str(D.mesh_key(param)), ([], []))
         (decay if param.ndim >= 2 and "embed_tokens" not in name else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if len(found) <= 1:
+        decay, no_decay = next(iter(found.values()), ([], []))
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for _, (decay, no_decay) in sorted(found.items())
+            for group in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if group["params"]]
 
 
 def build_optimizer(model, optim: OptimConfig, fused_ok: bool = True):
@@ -123,10 +131,23 @@ def _grad_norm(model, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    by_mesh: dict = {}
+    for p in params:
+        by_mesh.setdefault(D.mesh_key(p.grad), []).append(p.grad)
+    if len(by_mesh) == 1:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    # tensor parallel: sharded and replicated gradients on different meshes; one norm per mesh, then combined
+    norms = []
+    for grads in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm > 0:
+        coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        for grads in by_mesh.values():
+            torch._foreach_mul_(grads, coef)
+    return float(total)
 
 
 class StepLoss:
@@ -183,14 +204,14 @@ class StepLoss:
 def training_step(model, optimizer, rows: Rows, moe, grad_clip: float, micro: int, info: D.DistInfo,
                   autocast=contextlib.nullcontext) -> dict:
     """One optimizer step on the global batch ``rows``: this rank's micro-batches, clip, AdamW."""
-    W = info.world_size
+    W = info.dp_size  # the ranks of one tensor-parallel group train the same rows
     accum = len(rows) // (micro * W)
     step_loss = StepLoss(model.config, moe, rows, lambda t: D.all_reduce_sum(t, info), info.device)
     for m in range(accum):
-        first = (m * W + info.rank) * micro
+        first = (m * W + info.dp_rank) * micro
         with autocast():
             loss = step_loss.micro_batch(model, rows.slice(first, first + micro))
-        (loss * W).backward()
+        (loss * W).backward()  # FSDP2 averages gradients over the data-parallel ranks
     grad_norm = _grad_norm(model, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -368,13 +389,14 @@ class Trainer:
             loader.load_state_dict(resume["data"])
             D.load_full_optimizer_state(self.model, optimizer, CheckpointManager.read_optimizer(self.resume_from))
             start = resume["stage_step"]
-        W = info.world_size
+        W = info.dp_size
         micro, accum = stage.micro_rows(W), stage.grad_accum(W)
         fpt = flops_per_token(self.model.config, stage.seq_len)
         if info.is_main:
             counts = self.model.config.param_counts()
             print(f"stage {index + 1}/{len(config.stages)} {stage.name!r} ({stage.kind}): {stage.steps} steps x "
-                  f"{stage.global_batch} rows x {stage.seq_len} tokens; {W} process(es), micro-batch {micro}, "
+                  f"{stage.global_batch} rows x {stage.seq_len} tokens; {info.world_size} process(es)"
+                  f"{f' ({W} data-parallel x {info.tp} tensor-parallel)' if info.tp > 1 else ''}, micro-batch {micro}, "
                   f"accumulation {accum}; rope_theta {self.model.config.rope_theta:g}"
                   f"{', ' + self.model.config.rope_type if self.model.config.rope_type != 'default' else ''}; "
                   f"{counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active)"
@@ -388,7 +410,7 @@ class Trainer:
         try:
             for step in range(start, stage.steps):
                 global_step = offset + step + 1
-                torch.manual_seed(config.seed * 1_000_003 + global_step * 1_009 + info.rank)
+                torch.manual_seed(config.seed * 1_000_003 + global_step * 1_009 + info.dp_rank)
                 lr = learning_rate(stage.optim, step, stage.steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -433,26 +455,26 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------------------------
     def _autocast(self):
-        if self.config.mixed_precision == "bfloat16" and not self.info.enabled:
+        if self.config.mixed_precision == "bfloat16" and not self.info.fsdp:
             return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def train_step(self, rows: Rows, stage: StageConfig, optimizer) -> dict:
-        W = self.info.world_size
+        W = self.info.dp_size
         return training_step(self.model, optimizer, rows, self.config.moe, stage.optim.grad_clip,
                              stage.micro_rows(W), self.info, self._autocast)
 
     # ---- held-out perplexity ---------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, index: int, stage: StageConfig, global_step: int) -> float:
-        info, W = self.info, self.info.world_size
+        info, W = self.info, self.info.dp_size
         micro = stage.micro_rows(W)
         per_pass = micro * W
         n_rows = -(-stage.eval_rows // per_pass) * per_pass
         rows = self._loader(stage, stage.eval, index, eval_split=True).next_rows(n_rows)
         self.model.eval()
         sums = torch.zeros(2, device=info.device)
-        for first in range(info.rank * micro, n_rows, per_pass):
+        for first in range(info.dp_rank * micro, n_rows, per_pass):
             batch = rows.slice(first, first + micro).to_torch(info.device)
             labels = batch["labels"].reshape(-1)
             index_ = (labels != IGNORE_INDEX).nonzero().squeeze(1)
@@ -517,7 +539,7 @@ def _fingerprint(config: RunConfig) -> str:
 
 def train(config: RunConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Run every stage of ``config`` (on this process, or as one rank of a torchrun job)."""
-    info = D.init_distributed(config.device)
+    info = D.init_distributed(config.device, config.tensor_parallel)
     try:
         return Trainer(config, info, resume=resume, stop_after=stop_after).run()
     finally:

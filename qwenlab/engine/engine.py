@@ -130,6 +130,10 @@ class LLMEngine:
         module = kernels.load(required=bool(use_kernels))
         if module is not None and self.dtype == torch.bfloat16:
             kernels.use_bf16_kernels(self.model)
+        if module is not None and getattr(self.model, "quantization", None) is not None:
+            from ..quant.fused import use_quant_kernels  # int8/int4 layers: the same fused structure
+
+            use_quant_kernels(self.model)
         return module
 
     def _auto_kv_budget(self, per_token: int, want_len: int) -> int:

@@ -453,6 +453,14 @@ double read_sum(torch::Tensor buffer) {
   return total;
 }
 
+// The work pool for other extensions (qwenlab.quant.kernels): fn(ctx, i) for i in [0, n) on this module's
+// pool, so one pool serves the process (two pools' spinning helpers would fight over the cores).
+extern "C" void qwenlab_pool_run(int64_t n, void (*fn)(void*, int64_t), void* ctx) {
+  const std::function<void(int64_t)> body = [&](int64_t i) { fn(ctx, i); };
+  WorkPool::get().run(n, body);
+}
+int64_t pool_run_address() { return reinterpret_cast<int64_t>(&qwenlab_pool_run); }
+
 // Tuning hook: rows from which gemm_bf16 hands the arithmetic to the BLAS (0 = never).
 void set_blas_min_rows(int64_t rows) { blas_min_rows = rows; }
 void set_packed_min_rows(int64_t rows) { packed_min_rows = rows; }
@@ -737,7 +745,8 @@ torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor expert_ids, torch:
 """
 
 _FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "moe_experts_bf16", "attention_inputs",
-              "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread"]
+              "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",
+              "pool_run_address"]
 _module = None
 _failed = False
 

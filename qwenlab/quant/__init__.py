@@ -9,11 +9,16 @@ are quantized; router weights (``mlp.gate``, ``shared_expert_gate``), norms and 
 Activations stay float32/bf16: a layer computes x @ dequant(W).T, on CPU through the AVX2 kernels of
 ``qwenlab.quant.kernels`` for few rows (decode) and by dequantizing blocks of rows for many (prefill).
 
-Formats (symmetric, no zero point):
-* int8: ``qweight`` int8 [N, K] with q in [-127, 127]; ``scales`` float32 [N] = max|W[n]| / 127.
-* int4: ``qweight`` uint8 [N, K/2], two 4-bit codes q + 8 (q in [-8, 7]) per byte, in runs of 32 values
-  (byte j of a run: value j low nibble, value j + 16 high nibble); ``scales`` float16 [N, K/G] =
-  max|group| / 7. G (group size) divides K and is a multiple of 32; default 64.
+Formats:
+* int8 (symmetric, per output channel): ``qweight`` int8 [N, K] with q in [-127, 127]; ``scales`` float32
+  [N] = max|W[n]| / 127.
+* int4 (asymmetric, per group of G): ``qweight`` uint8 [N, K/2], two 4-bit codes q in [0, 15] per byte, in
+  runs of 32 values (byte j of a run: value j low nibble, value j + 16 high nibble); ``scales`` and ``mins``
+  float16 [N, K/G]; w = scale * q + min. Each group's (scale, min) is searched to minimise its squared
+  error: a grid of 21 candidate scales (15 + d) / (max - min), d in -1.0..1.0, each followed by a
+  least-squares refit of scale and min to the codes it gives. G divides K and is a multiple of 32; default
+  64. Checkpoints written before the min existed (codes q + 8, w = scale * (code - 8)) load exactly as
+  min = -8 * scale.
 """
 
 from __future__ import annotations
@@ -51,31 +56,82 @@ def check_group_size(in_features: int, group_size: int, name: str = "") -> None:
                           + (f" of {name}" if name else ""))
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., N, K] -> (uint8 [..., N, K/2] packed codes, float16 scales [..., N, K/G])."""
+SEARCH_STEPS = 10  # candidate scales (15 + d) / (max - min) for d = i / 10, i in [-10, 10]
+
+
+def _int4_search_torch(groups: torch.Tensor, rows: int = 2**14):
+    """The scale search of ``kernels.int4_search`` in torch (no compiled kernels): float32 [R, G] ->
+    (codes uint8 [R, G], scales [R], mins [R]), scales and mins rounded to float16."""
+    R, G = groups.shape
+    codes = torch.empty(R, G, dtype=torch.uint8)
+    scales, mins = torch.empty(R), torch.empty(R)
+
+    def half(t):
+        return t.half().float()
+
+    def coded(x, s, m):
+        q = torch.round((x - m) / torch.where(s > 0, s, 1)).clamp_(0, 15)
+        return q, ((q * s + m - x) ** 2).sum(1, keepdim=True)
+
+    for r0 in range(0, R, rows):
+        x = groups[r0:r0 + rows]
+        lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        span, sw = hi - lo, x.sum(1, keepdim=True)
+        best_s, best_m = half(span / 15), half(lo)
+        best_e = coded(x, best_s, best_m)[1]
+        for step in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
+            iscale = (15 + step / SEARCH_STEPS) / span.clamp_min(torch.finfo(torch.float32).tiny)
+            q = torch.round((x - lo) * iscale).clamp_(0, 15)
+            sq, sqq, sqw = q.sum(1, keepdim=True), (q * q).sum(1, keepdim=True), (q * x).sum(1, keepdim=True)
+            det = G * sqq - sq * sq
+            s = half((G * sqw - sq * sw) / det.clamp_min(1e-30))
+            m = half((sw - s * sq) / G)
+            e = coded(x, s, m)[1]
+            better = (det > 0) & (s > 0) & (e < best_e)
+            best_e = torch.where(better, e, best_e)
+            best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
+        best_s = torch.where(best_s > 0, best_s, 0)
+        codes[r0:r0 + rows] = coded(x, best_s, best_m)[0].to(torch.uint8)
+        scales[r0:r0 + rows], mins[r0:r0 + rows] = best_s[:, 0], best_m[:, 0]
+    return codes, scales, mins
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., N, K] in [0, 15] -> [..., N, K/2] (runs of 32: value j low, j + 16 high nibble)."""
+    *lead, N, K = codes.shape
+    runs = codes.reshape(*lead, N, K // 32, 2, 16).to(torch.uint8)
+    return (runs[..., 0, :] | (runs[..., 1, :] << 4)).reshape(*lead, N, K // 2).contiguous()
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE):
+    """[..., N, K] -> (uint8 [..., N, K/2] packed codes, float16 scales [..., N, K/G], float16 mins)."""
     *lead, N, K = weight.shape
     check_group_size(K, group_size)
-    w = weight.detach().float().reshape(*lead, N, K // group_size, group_size)
-    scales = (w.abs().amax(-1) / 7).clamp_min(2**-24).to(torch.float16)
-    q = torch.round(w / scales.float().unsqueeze(-1)).clamp_(-8, 7).to(torch.int16) + 8
-    runs = q.reshape(*lead, N, K // 32, 2, 16).to(torch.uint8)
-    packed = runs[..., 0, :] | (runs[..., 1, :] << 4)
-    return packed.reshape(*lead, N, K // 2).contiguous(), scales
+    groups = weight.detach().to("cpu", torch.float32).reshape(-1, group_size).contiguous()
+    module = _kernels(torch.device("cpu"))
+    if module is not None:
+        codes, scales, mins = module.int4_search(groups)
+    else:
+        codes, scales, mins = _int4_search_torch(groups)
+    shape = (*lead, N, K // group_size)
+    device = weight.device
+    return (pack_int4(codes.reshape(*lead, N, K)).to(device), scales.reshape(shape).half().to(device),
+            mins.reshape(shape).half().to(device))
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., N, K/2] -> int8 codes q in [-8, 7], [..., N, K]."""
+    """uint8 [..., N, K/2] -> uint8 codes in [0, 15], [..., N, K]."""
     *lead, N, half = packed.shape
     runs = packed.reshape(*lead, N, half // 16, 1, 16)
     codes = torch.cat([runs & 0x0F, runs >> 4], dim=-2)
-    return (codes.to(torch.int8) - 8).reshape(*lead, N, half * 2)
+    return codes.reshape(*lead, N, half * 2)
 
 
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype=torch.float32):
     q = unpack_int4(packed)
     *lead, N, K = q.shape
     groups = scales.shape[-1]
-    w = q.reshape(*lead, N, groups, K // groups).float() * scales.float().unsqueeze(-1)
+    w = q.reshape(*lead, N, groups, K // groups).float() * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)
     return w.reshape(*lead, N, K).to(dtype)
 
 
@@ -90,12 +146,16 @@ def layer_method(method: str, in_features: int, group_size: int) -> tuple[str, i
     return "int8", 0
 
 
-def quantize_tensor(weight, method: str, group_size: int):
+def quantize_tensor(weight, method: str, group_size: int) -> tuple:
+    """(qweight, scales) for int8, (qweight, scales, mins) for int4."""
     return quantize_int8(weight) if method == "int8" else quantize_int4(weight, group_size)
 
 
-def dequantize(method: str, q: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return dequantize_int8(q, scales, dtype) if method == "int8" else dequantize_int4(q, scales, dtype)
+def dequantize(method: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
+               dtype=torch.float32) -> torch.Tensor:
+    if method == "int8":
+        return dequantize_int8(q, scales, dtype)
+    return dequantize_int4(q, scales, mins, dtype)
 
 
 # ---- the matmul ------------------------------------------------------------------------------------------
@@ -107,19 +167,17 @@ def _kernels(device: torch.device):
     return kernels.load()
 
 
-def quant_linear(x: torch.Tensor, method: str, q: torch.Tensor, scales: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ dequant(W).T (+ bias) in x's dtype."""
+def quant_linear(x: torch.Tensor, method: str, q: torch.Tensor, scales: torch.Tensor, group_size: int = 0,
+                 bias: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(W).T (+ bias) in x's dtype (``mins``: int4 only)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     module = _kernels(x.device) if x.dtype in (torch.float32, torch.bfloat16) else None
     if module is not None and 0 < rows <= PREFILL_ROWS:
-        if method == "int8":
-            return module.int8_linear(x, q, scales, bias)
-        return module.int4_linear(x, q, scales, group_size, bias)
-    return _blockwise_linear(x, method, q, scales, bias)
+        return module.linear(x, [q, scales] if method == "int8" else [q, scales, mins], bias)
+    return _blockwise_linear(x, method, q, scales, bias, mins)
 
 
-def _blockwise_linear(x, method, q, scales, bias):
+def _blockwise_linear(x, method, q, scales, bias, mins=None):
     """Dequantize a block of weight rows at a time and use the stock matmul (bounded memory). On CPU the
     product runs in float32: without native bf16 arithmetic (AVX2) sgemm is several times faster."""
     compute = torch.float32 if x.device.type == "cpu" else x.dtype
@@ -128,18 +186,19 @@ def _blockwise_linear(x, method, q, scales, bias):
     N, K = q.shape[0], x.shape[-1]
     step = max(1, _BLOCK_ELEMENTS // max(K, 1))
     if step >= N:
-        return F.linear(xc, dequantize(method, q, scales, compute), bias).to(x.dtype)
+        return F.linear(xc, dequantize(method, q, scales, mins, compute), bias).to(x.dtype)
     out = x.new_empty(*x.shape[:-1], N)
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
-        out[..., n0:n1] = F.linear(xc, dequantize(method, q[n0:n1], scales[n0:n1], compute),
+        part_mins = None if mins is None else mins[n0:n1]
+        out[..., n0:n1] = F.linear(xc, dequantize(method, q[n0:n1], scales[n0:n1], part_mins, compute),
                                    None if bias is None else bias[n0:n1])
     return out
 
 
 # ---- modules ---------------------------------------------------------------------------------------------
 class QuantLinear(nn.Module):
-    """A quantized nn.Linear: buffers ``qweight`` and ``scales`` (and the float ``bias`` parameter)."""
+    """A quantized nn.Linear: buffers ``qweight``, ``scales`` (int4: and ``mins``) and the float ``bias``."""
 
     def __init__(self, in_features: int, out_features: int, method: str, group_size: int, bias: bool,
                  dtype=None, device=None):
@@ -147,16 +206,19 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.method, self.group_size = layer_method(method, in_features, group_size)
         method, group_size = self.method, self.group_size
-        qshape, sshape, qdt, sdt = storage_shapes(method, out_features, in_features, group_size)
-        self.register_buffer("qweight", torch.empty(qshape, dtype=qdt, device=device))
-        self.register_buffer("scales", torch.empty(sshape, dtype=sdt, device=device))
+        _register_storage(self, "", method, out_features, in_features, group_size, device)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
+    def parts(self) -> list[torch.Tensor]:
+        """[qweight, scales] (int8) or [qweight, scales, mins] (int4), as the kernels take them."""
+        return [self.qweight, self.scales] if self.method == "int8" else [self.qweight, self.scales, self.mins]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.method, self.qweight, self.scales, self.group_size, self.bias)
+        return quant_linear(x, self.method, self.qweight, self.scales, self.group_size, self.bias,
+                            None if self.method == "int8" else self.mins)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize(self.method, self.qweight, self.scales, dtype)
+        return dequantize(self.method, self.qweight, self.scales, getattr(self, "mins", None), dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.method}, group_size={self.group_size}"
@@ -170,13 +232,12 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.method, self.group_size = layer_method(method, embedding_dim, group_size)
         method, group_size, self.dtype = self.method, self.group_size, dtype
-        qshape, sshape, qdt, sdt = storage_shapes(method, num_embeddings, embedding_dim, group_size)
-        self.register_buffer("qweight", torch.empty(qshape, dtype=qdt, device=device))
-        self.register_buffer("scales", torch.empty(sshape, dtype=sdt, device=device))
+        _register_storage(self, "", method, num_embeddings, embedding_dim, group_size, device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        rows = dequantize(self.method, self.qweight[flat], self.scales[flat], self.dtype)
+        mins = self.mins[flat] if self.method == "int4" else None
+        rows = dequantize(self.method, self.qweight[flat], self.scales[flat], mins, self.dtype)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
 
@@ -191,14 +252,14 @@ class QuantExperts(nn.Module):
         for name, (n, k) in (("gate_up_proj", (2 * intermediate_size, hidden_size)),
                              ("down_proj", (hidden_size, intermediate_size))):
             self.methods[name] = layer_method(method, k, group_size)
-            qshape, sshape, qdt, sdt = storage_shapes(self.methods[name][0], n, k, self.methods[name][1])
-            self.register_buffer(f"{name}_qweight", torch.empty((num_experts, *qshape), dtype=qdt, device=device))
-            self.register_buffer(f"{name}_scales", torch.empty((num_experts, *sshape), dtype=sdt, device=device))
+            _register_storage(self, f"{name}_", self.methods[name][0], n, k, self.methods[name][1], device,
+                              lead=(num_experts,))
 
     def project(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
         method, group_size = self.methods[name]
+        mins = getattr(self, f"{name}_mins")[e] if method == "int4" else None
         return quant_linear(x, method, getattr(self, f"{name}_qweight")[e], getattr(self, f"{name}_scales")[e],
-                            group_size)
+                            group_size, None, mins)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         k = expert_ids.shape[1]
@@ -221,13 +282,24 @@ class QuantExperts(nn.Module):
 
 
 def storage_shapes(method: str, n: int, k: int, group_size: int):
-    """(qweight shape, scales shape, qweight dtype, scales dtype) of an [n, k] weight."""
+    """(qweight shape, scales shape, qweight dtype, scales dtype) of an [n, k] weight (int4 mins: like scales)."""
     if method == "int8":
         return (n, k), (n,), torch.int8, torch.float32
     if method == "int4":
         check_group_size(k, group_size)
         return (n, k // 2), (n, k // group_size), torch.uint8, torch.float16
     raise ConfigError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
+
+
+STORAGE = {"int8": ("qweight", "scales"), "int4": ("qweight", "scales", "mins")}
+
+
+def _register_storage(module, prefix, method, n, k, group_size, device, lead=()):
+    qshape, sshape, qdt, sdt = storage_shapes(method, n, k, group_size)
+    module.register_buffer(f"{prefix}qweight", torch.empty((*lead, *qshape), dtype=qdt, device=device))
+    module.register_buffer(f"{prefix}scales", torch.empty((*lead, *sshape), dtype=sdt, device=device))
+    if method == "int4":
+        module.register_buffer(f"{prefix}mins", torch.empty((*lead, *sshape), dtype=sdt, device=device))
 
 
 # ---- whole models ------------------------------------------------------------------------------------------
@@ -272,9 +344,9 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None,
             new = QuantExperts(E, H, two_i // 2, method, group_size, device=device)
             if not structure_only:
                 for name in ("gate_up_proj", "down_proj"):
-                    q, s = quantize_tensor(getattr(child, name), *new.methods[name])
-                    getattr(new, f"{name}_qweight").copy_(q)
-                    getattr(new, f"{name}_scales").copy_(s)
+                    parts = quantize_tensor(getattr(child, name), *new.methods[name])
+                    for part, tensor in zip(STORAGE[new.methods[name][0]], parts):
+                        getattr(new, f"{name}_{part}").copy_(tensor)
             setattr(parent, attr, new)
             continue
         if isinstance(child, nn.Embedding):
@@ -286,14 +358,17 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None,
                 new.bias.copy_(child.bias)
         shared = done.get(id(child.weight))
         if shared is not None:  # tied LM head and embedding: one set of buffers
-            new.qweight, new.scales = shared.qweight, shared.scales
+            for part in STORAGE[new.method]:
+                setattr(new, part, getattr(shared, part))
         elif not structure_only:
-            q, s = quantize_tensor(child.weight, new.method, new.group_size)
-            new.qweight.copy_(q)
-            new.scales.copy_(s)
+            parts = quantize_tensor(child.weight, new.method, new.group_size)
+            for part, tensor in zip(STORAGE[new.method], parts):
+                getattr(new, part).copy_(tensor)
         done[id(child.weight)] = new
         setattr(parent, attr, new)
     model.quantization = {"quant_method": "qwenlab", "method": method, "group_size": group_size or None}
+    if method == "int4":
+        model.quantization["int4_mins"] = True  # the asymmetric format (older files: symmetric, no mins)
     if tied and not structure_only:
         _retie(model)
     return model
@@ -303,8 +378,8 @@ def _retie(model: nn.Module) -> None:
     """Point a tied quantized LM head at the embedding's buffers (after to_empty / loading)."""
     if (model.config.tie_word_embeddings and isinstance(model.lm_head, QuantLinear)
             and isinstance(model.model.embed_tokens, QuantEmbedding)):
-        model.lm_head.qweight = model.model.embed_tokens.qweight
-        model.lm_head.scales = model.model.embed_tokens.scales
+        for part in STORAGE[model.lm_head.method]:
+            setattr(model.lm_head, part, getattr(model.model.embed_tokens, part))
 
 
 def _device_of(module: nn.Module):

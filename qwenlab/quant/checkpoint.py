@@ -2,13 +2,18 @@
 
 A directory written by ``save_quantized`` (or ``qwenlab quantize``) holds config.json with
 
-    "quantization_config": {"quant_method": "qwenlab", "method": "int8" | "int4", "group_size": G | null}
+    "quantization_config": {"quant_method": "qwenlab", "method": "int8" | "int4", "group_size": G | null,
+                            "int4_mins": true}   # int4 only
 
 and model.safetensors whose tensors are the model's state dict in our module names: each quantized
-Linear / embedding ``X.weight`` becomes ``X.qweight`` + ``X.scales`` (see ``qwenlab.quant`` for the
-layouts), stacked MoE experts are ``...experts.gate_up_proj_qweight`` / ``_scales`` and ``down_proj_*``,
+Linear / embedding ``X.weight`` becomes ``X.qweight`` + ``X.scales`` (int4: + ``X.mins``; see
+``qwenlab.quant`` for the layouts), stacked MoE experts are ``...experts.gate_up_proj_qweight`` /
+``_scales`` / ``_mins`` and ``down_proj_*``,
 everything else (norms, biases, routers) keeps its Hugging Face name and dtype. A tied LM head is not
 stored. ``qwenlab.load_model`` recognises the config key and calls ``load_quantized``.
+
+int4 checkpoints written before the asymmetric format (no ``int4_mins`` key, no ``mins`` tensors: codes
+q + 8 with w = scale * (code - 8)) load exactly: their mins are -8 * scale.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ def load_quantized(directory: Path, config, dtype: torch.dtype, device="cpu", pr
     targets = {name: t for name, t in model.state_dict(keep_vars=True).items()
                if not (config.tie_word_embeddings and name.startswith("lm_head."))}
     targets = {name: t for name, t in targets.items() if not name.endswith("rotary.inv_freq")}
+    legacy_int4 = entry.get("method") == "int4" and not entry.get("int4_mins")
+    if legacy_int4:  # symmetric int4 from before the mins: derived below, not read
+        targets = {name: t for name, t in targets.items() if not name.endswith("mins")}
     plan = []
     for name, entry_ in checkpoint_tensors(directory).items():
         target = targets.pop(name, None)
@@ -97,5 +105,19 @@ def load_quantized(directory: Path, config, dtype: torch.dtype, device="cpu", pr
         raise CheckpointError(f"{directory}: missing tensor {missing[0]!r}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     _execute(plan, progress)
+    if legacy_int4:
+        _derive_legacy_mins(model)
     _retie(model)
     return model.eval()
+
+
+@torch.no_grad()
+def _derive_legacy_mins(model) -> None:
+    """Symmetric int4 (codes q + 8, w = scale * (code - 8)) in the asymmetric layout: min = -8 * scale
+    (exact in float16)."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if name.endswith("mins"):
+                scales = getattr(module, name[: -len("mins")] + "scales")
+                buffer.copy_((scales.float() * -8).to(buffer.dtype))
+    model.quantization["int4_mins"] = True

@@ -1,19 +1,27 @@
-"""AVX2 + FMA CPU kernels for weight-only int8 / int4 matrix products, compiled on first use.
+"""AVX2 + FMA CPU kernels for weight-only int8 / int4 products in decode, compiled on first use.
 
-Same pattern as ``qwenlab.engine.kernels`` (torch's ``load_inline``, cached in ~/.cache/torch_extensions).
+Same pattern as ``qwenlab.engine.kernels`` (torch's ``load_inline``, cached in ~/.cache/torch_extensions),
+and the same thread pool: ``load()`` hands this module the engine module's work pool, so a quantized model
+runs every kernel of a decode step on one pool (two pools' spinning helpers would fight over the cores).
+
 Decode is a matrix-vector product bound by the bytes of weights read, so each weight byte is read once
-per step and widened in registers: int8 with ``vpmovsxbd`` + ``vcvtdq2ps`` and FMA into float
-accumulators (activations stay float: weight-only, no activation quantization); int4 nibbles are split
-with a mask and a shift, widened the same way, and each group's sum is scaled once. The offset of 8 of
-the int4 code is folded out: sum((q - 8) * x) = sum(q * x) - 8 * sum(x), with sum(x) per group computed
-once per call.
+per step. The activation row is first rounded to int16 in blocks (int8 weights: 64 values; int4: one
+block per weight group) with a float scale per block: the error is at most 2^-16 of the block's largest
+value, well below bf16's rounding. The products then run on the integer multiply-add unit (``vpmaddwd``:
+16 products and 8 pair sums per instruction, exact in int32), one float FMA per block applies the scales.
+That is about twice the weights per cycle of widening weights to float, enough to keep up with memory on
+two cores.
 
-* ``int8_linear(x [M, K] float|bf16, q int8 [N, K], scales f32 [N], bias?)`` -> [M, N] in x's dtype
-* ``int4_linear(x, packed uint8 [N, K/2], scales f16 [N, K/G], G, bias?)`` -> [M, N]; packed layout: in
-  each run of 32 values, byte j holds value j in its low nibble and value j + 16 in its high nibble,
-  codes are q + 8 with q in [-8, 7].
+* ``linear(x, [qweight, scales(, mins)], bias)``: y = x @ dequant(W).T for a few rows, in x's dtype;
+* ``attention_inputs(x, wq, wk, wv, bq, bk, bv, q_norm, k_norm, cos, sin, eps, heads, kv_heads, D)``: the
+  q/k/v projections in one parallel region, Qwen3's q/k RMSNorm, RoPE (transformers' roundings for bf16),
+  returning q [1, H, T, D], k, v [1, Hkv, T, D] like the engine's bf16 ``attention_inputs``;
+* ``mlp(x, w_gate, w_up, w_down)``: SwiGLU, gate and up in one parallel region.
 
-Meant for few rows (decode, small batches); the caller dequantizes blocks for large M (prefill).
+Weights: int8 ``qweight`` [N, K] + float32 ``scales`` [N]; int4 ``qweight`` uint8 [N, K/2] (codes 0..15,
+runs of 32 values: byte j holds value j low, j + 16 high) + float16 ``scales`` and ``mins`` [N, K/G],
+w = scale * code + min. Meant for few rows (decode, small batches); the caller dequantizes blocks of
+weights for prefill.
 """
 
 from __future__ import annotations
@@ -28,11 +36,34 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 namespace {
+
+// ---- threads: the engine's work pool when it is loaded (one pool per process), else ATen's ----
+using PoolRun = void (*)(int64_t, void (*)(void*, int64_t), void*);
+PoolRun pool_run = nullptr;
+
+template <typename F>
+void tramp(void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); }
+
+// f(i0, i1) over [0, n) in chunks of at least grain items, about 4 chunks per thread.
+template <typename F>
+void parallel_for(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (n + 4 * threads - 1) / (4 * threads));
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  if (chunks == 1 || threads == 1) { f(int64_t(0), n); return; }
+  auto body = [&](int64_t i) { f(i * chunk, std::min(n, (i + 1) * chunk)); };
+  if (pool_run != nullptr) pool_run(chunks, &tramp<decltype(body)>, const_cast<void*>(static_cast<const void*>(&body)));
+  else at::parallel_for(0, chunks, 1, [&](int64_t a, int64_t b) { for (int64_t i = a; i < b; i++) body(i); });
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -47,186 +78,436 @@ inline uint16_t f_to_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
 }
-inline __m256 i8x8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+inline float rnd(float v, bool bf16) { return bf16 ? bf16_to_f(f_to_bf16(v)) : v; }
+
+// ---- activations as int16 blocks: x[m, k] ~= xs[m, b] * xi[m, k] (b = k / B), |xi| <= 32767 ----
+// The weight-only product runs on the integer multiply-add units (vpmaddwd: 16 products per instruction);
+// the rounding error of x is at most 2^-16 of its block's largest value, below bf16's own rounding.
+struct XQ {
+  int64_t M = 0, K = 0, B = 0, nb = 0, ld = 0;
+  std::vector<int16_t> xi;  // [M, ld]
+  std::vector<float> xs, xsum;  // [M, nb]: block scale, block sum of the float x
+};
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, XQ& q) {
+  q.M = M; q.K = K; q.B = B; q.nb = (K + B - 1) / B; q.ld = (K + 15) / 16 * 16;
+  q.xi.assign(M * q.ld, 0);
+  q.xs.resize(M * q.nb); q.xsum.resize(M * q.nb);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t b = 0; b < q.nb; b++) {
+      const int64_t k0 = b * B, k1 = std::min(K, k0 + B);
+      const float* xr = x + m * K;
+      __m256 mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + k);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+        sm = _mm256_add_ps(sm, v);
+      }
+      float amax = 0.f, sum = hsum(sm);
+      {
+        float t[8]; _mm256_storeu_ps(t, mx);
+        for (int i = 0; i < 8; i++) amax = std::max(amax, t[i]);
+      }
+      for (int64_t kk = k; kk < k1; kk++) { amax = std::max(amax, std::fabs(xr[kk])); sum += xr[kk]; }
+      const float scale = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+      q.xs[m * q.nb + b] = scale;
+      q.xsum[m * q.nb + b] = sum;
+      int16_t* dst = q.xi.data() + m * q.ld;
+      const __m256 iv = _mm256_set1_ps(inv);
+      k = k0;
+      for (; k + 16 <= k1; k += 16) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), iv));
+        __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), iv));
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), p);
+      }
+      for (; k < k1; k++) dst[k] = int16_t(std::max(-32767.f, std::min(32767.f, std::nearbyint(xr[k] * inv))));
+    }
 }
 
-// ---- int8: acc[i][j] = x[i, :] . q[j, :] ----
-template <int MT, int NT>
-inline void dot_i8(const float* x, int64_t K, const int8_t* w, float* out) {
-  __m256 acc[MT][NT];
-  for (int i = 0; i < MT; i++) for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 xv[MT];
-    for (int i = 0; i < MT; i++) xv[i] = _mm256_loadu_ps(x + i * K + k);
-    for (int j = 0; j < NT; j++) {
-      __m256 wv = i8x8(w + j * K + k);
-      for (int i = 0; i < MT; i++) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
-    }
+// ---- a quantized weight ----
+// kind 8: int8 [N, K] codes, float32 scale per row. kind 4: uint8 [N, K/2] packed codes q in [0, 15]
+// (runs of 32 values: byte j holds value j low, value j + 16 high), w = scale[g] * q + min[g] per group
+// of G (float16 scales and mins [N, K/G]).
+struct QW {
+  int kind = 0;
+  int64_t N = 0, K = 0, G = 0;
+  const int8_t* q8 = nullptr;
+  const uint8_t* q4 = nullptr;
+  const float* s8 = nullptr;
+  const at::Half* s4 = nullptr;
+  const at::Half* m4 = nullptr;
+  int64_t block() const { return kind == 8 ? 64 : G; }
+};
+
+QW make_qw(const std::vector<torch::Tensor>& t) {
+  TORCH_CHECK(t.size() == 2 || t.size() == 3, "a quantized weight is [qweight, scales] or [qweight, scales, mins]");
+  const auto& q = t[0];
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && t[1].is_contiguous(), "qweight/scales must be contiguous");
+  QW w;
+  w.N = q.size(0);
+  if (q.scalar_type() == at::kChar) {
+    TORCH_CHECK(t.size() == 2 && t[1].scalar_type() == at::kFloat && t[1].numel() == w.N, "int8: float32 scales [N]");
+    w.kind = 8; w.K = q.size(1); w.q8 = q.data_ptr<int8_t>(); w.s8 = t[1].data_ptr<float>();
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kByte && t.size() == 3, "int4: uint8 qweight, scales and mins");
+    TORCH_CHECK(t[1].scalar_type() == at::kHalf && t[2].scalar_type() == at::kHalf && t[2].is_contiguous() &&
+                t[1].dim() == 2 && t[1].size(0) == w.N && t[2].sizes() == t[1].sizes(), "int4: float16 scales/mins [N, K/G]");
+    w.kind = 4; w.K = q.size(1) * 2; w.q4 = q.data_ptr<uint8_t>();
+    w.s4 = t[1].data_ptr<at::Half>(); w.m4 = t[2].data_ptr<at::Half>();
+    TORCH_CHECK(w.K % t[1].size(1) == 0, "int4: groups must divide K");
+    w.G = w.K / t[1].size(1);
+    TORCH_CHECK(w.G % 32 == 0 && w.G <= 8192, "int4: group size must be a multiple of 32, at most 8192");
   }
-  for (int i = 0; i < MT; i++)
-    for (int j = 0; j < NT; j++) {
-      float s = hsum(acc[i][j]);
-      for (int64_t kk = k; kk < K; kk++) s += x[i * K + kk] * float(w[j * K + kk]);
-      out[i * NT + j] = s;
-    }
+  return w;
 }
 
-// ---- int4: K multiple of 32, G multiple of 32 ----
-template <int MT, int NT>
-inline void dot_i4(const float* x, const float* xsum, int64_t K, int64_t G, const uint8_t* w,
-                   const at::Half* scales, float* out) {
-  const int64_t ngroups = K / G;
-  __m256 acc[MT][NT];
-  float corr[MT][NT];
-  for (int i = 0; i < MT; i++) for (int j = 0; j < NT; j++) { acc[i][j] = _mm256_setzero_ps(); corr[i][j] = 0.f; }
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  for (int64_t g = 0; g < ngroups; g++) {
-    __m256 gacc[MT][NT];
-    for (int i = 0; i < MT; i++) for (int j = 0; j < NT; j++) gacc[i][j] = _mm256_setzero_ps();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-      __m256 xv[MT][4];
+// out[i] = x[m0 + i, :] . dequant(w[n, :]) for i < MT (before bias).
+template <int MT>
+inline void dot_i8(const XQ& x, int64_t m0, const QW& w, int64_t n, float* out) {
+  const int64_t K = w.K, nb = x.nb;
+  const int8_t* row = w.q8 + n * K;
+  const int16_t* xi[MT];
+  const float* xs[MT];
+  for (int i = 0; i < MT; i++) { xi[i] = x.xi.data() + (m0 + i) * x.ld; xs[i] = x.xs.data() + (m0 + i) * nb; }
+  __m256 acc[MT];
+  float tail[MT];
+  for (int i = 0; i < MT; i++) { acc[i] = _mm256_setzero_ps(); tail[i] = 0.f; }
+  const int64_t full = K / 64;
+  for (int64_t b = 0; b < full; b++) {
+    const int8_t* wp = row + b * 64;
+    _mm_prefetch(reinterpret_cast<const char*>(wp) + 640, _MM_HINT_T0);
+    __m256i s[MT];
+    for (int i = 0; i < MT; i++) s[i] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + 16 * c)));
       for (int i = 0; i < MT; i++)
-        for (int c = 0; c < 4; c++) xv[i][c] = _mm256_loadu_ps(x + i * K + k + 8 * c);
-      for (int j = 0; j < NT; j++) {
-        __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * (K / 2) + k / 2));
-        __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        for (int i = 0; i < MT; i++) {
-          __m256 a = _mm256_fmadd_ps(xv[i][0], w0, gacc[i][j]);
-          a = _mm256_fmadd_ps(xv[i][1], w1, a);
-          a = _mm256_fmadd_ps(xv[i][2], w2, a);
-          gacc[i][j] = _mm256_fmadd_ps(xv[i][3], w3, a);
-        }
-      }
+        s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(wv, _mm256_loadu_si256(
+                                                             reinterpret_cast<const __m256i*>(xi[i] + b * 64 + 16 * c))));
     }
-    for (int j = 0; j < NT; j++) {
-      const float s = float(scales[j * ngroups + g]);
-      const __m256 sv = _mm256_set1_ps(s);
-      for (int i = 0; i < MT; i++) {
-        acc[i][j] = _mm256_fmadd_ps(gacc[i][j], sv, acc[i][j]);
-        corr[i][j] += s * xsum[i * ngroups + g];
-      }
-    }
+    for (int i = 0; i < MT; i++) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_set1_ps(xs[i][b]), acc[i]);
   }
-  for (int i = 0; i < MT; i++)
-    for (int j = 0; j < NT; j++) out[i * NT + j] = hsum(acc[i][j]) - 8.f * corr[i][j];
+  if (full * 64 < K) {  // the last, partial block
+    int32_t part[MT];
+    for (int i = 0; i < MT; i++) part[i] = 0;
+    for (int64_t k = full * 64; k < K; k++)
+      for (int i = 0; i < MT; i++) part[i] += int32_t(row[k]) * int32_t(xi[i][k]);
+    for (int i = 0; i < MT; i++) tail[i] = float(part[i]) * xs[i][full];
+  }
+  const float sc = w.s8[n];
+  for (int i = 0; i < MT; i++) out[i] = (hsum(acc[i]) + tail[i]) * sc;
 }
 
-inline void store(float* d, float v) { *d = v; }
-inline void store(uint16_t* d, float v) { *d = f_to_bf16(v); }
-
-template <typename OutT, typename Tile1, typename Tile2, typename Tile3>
-void run_tiles(int64_t M, int64_t N, OutT* out, const float* wscale, const float* bias, Tile1 t1, Tile2 t2,
-               Tile3 t3) {
-  constexpr int64_t BLOCK = 16;
-  at::parallel_for(0, (N + BLOCK - 1) / BLOCK, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = b0 * BLOCK, n1 = std::min(N, b1 * BLOCK);
-    float tile[3 * 4];
-    auto emit = [&](int64_t m, int64_t n, int mt, int nt) {
-      for (int i = 0; i < mt; i++)
-        for (int j = 0; j < nt; j++) {
-          float v = tile[i * nt + j] * (wscale ? wscale[n + j] : 1.f) + (bias ? bias[n + j] : 0.f);
-          store(out + (m + i) * N + n + j, v);
-        }
-    };
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-      int64_t m = 0;
-      for (; m + 3 <= M; m += 3) { t3(m, n, tile); emit(m, n, 3, 4); }
-      for (; m < M; m++) { t1(m, n, tile); emit(m, n, 1, 4); }
+template <int MT>
+inline void dot_i4(const XQ& x, int64_t m0, const QW& w, int64_t n, float* out) {
+  const int64_t K = w.K, G = w.G, ng = K / G;
+  const uint8_t* row = w.q4 + n * (K / 2);
+  const at::Half* sc = w.s4 + n * ng;
+  const at::Half* mn = w.m4 + n * ng;
+  const int16_t* xi[MT];
+  const float *xs[MT], *xsum[MT];
+  for (int i = 0; i < MT; i++) {
+    xi[i] = x.xi.data() + (m0 + i) * x.ld;
+    xs[i] = x.xs.data() + (m0 + i) * x.nb;
+    xsum[i] = x.xsum.data() + (m0 + i) * x.nb;
+  }
+  __m256 acc[MT];
+  float corr[MT];
+  for (int i = 0; i < MT; i++) { acc[i] = _mm256_setzero_ps(); corr[i] = 0.f; }
+  const __m256i low = _mm256_set1_epi16(0x0F);
+  for (int64_t g = 0; g < ng; g++) {
+    __m256i s[MT];
+    for (int i = 0; i < MT; i++) s[i] = _mm256_setzero_si256();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + 512, _MM_HINT_T0);
+      const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+      const __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_srli_epi16(v, 4);
+      for (int i = 0; i < MT; i++) {
+        const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi[i] + k)));
+        const __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi[i] + k + 16)));
+        s[i] = _mm256_add_epi32(s[i], _mm256_add_epi32(p0, p1));
+      }
     }
-    for (; n < n1; n++)
-      for (int64_t m = 0; m < M; m++) { t2(m, n, tile); emit(m, n, 1, 1); }
+    const float scale = float(sc[g]), minv = float(mn[g]);
+    for (int i = 0; i < MT; i++) {
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_set1_ps(scale * xs[i][g]), acc[i]);
+      corr[i] += minv * xsum[i][g];
+    }
+  }
+  for (int i = 0; i < MT; i++) out[i] = hsum(acc[i]) + corr[i];
+}
+
+// One product of a fused call: rows [0, w.N) of y = x @ dequant(w).T (+ bias) into out (float or bf16
+// with row stride ldo), optionally rounded to bf16 first (kept float: round_bf16).
+struct Job {
+  QW w;
+  const XQ* x = nullptr;
+  const float* bias = nullptr;
+  void* out = nullptr;
+  bool out_bf16 = false;
+  int64_t ldo = 0;
+};
+
+inline void emit(const Job& j, int64_t m, int64_t n, float v) {
+  if (j.bias) v += j.bias[n];
+  if (j.out_bf16) static_cast<uint16_t*>(j.out)[m * j.ldo + n] = f_to_bf16(v);
+  else static_cast<float*>(j.out)[m * j.ldo + n] = v;
+}
+
+void run_rows(const Job& j, int64_t n0, int64_t n1) {
+  const int64_t M = j.x->M;
+  float t[4];
+  for (int64_t n = n0; n < n1; n++) {
+    int64_t m = 0;
+    if (j.w.kind == 8) {
+      for (; m + 4 <= M; m += 4) { dot_i8<4>(*j.x, m, j.w, n, t); for (int i = 0; i < 4; i++) emit(j, m + i, n, t[i]); }
+      for (; m + 2 <= M; m += 2) { dot_i8<2>(*j.x, m, j.w, n, t); for (int i = 0; i < 2; i++) emit(j, m + i, n, t[i]); }
+      for (; m < M; m++) { dot_i8<1>(*j.x, m, j.w, n, t); emit(j, m, n, t[0]); }
+    } else {
+      for (; m + 4 <= M; m += 4) { dot_i4<4>(*j.x, m, j.w, n, t); for (int i = 0; i < 4; i++) emit(j, m + i, n, t[i]); }
+      for (; m + 2 <= M; m += 2) { dot_i4<2>(*j.x, m, j.w, n, t); for (int i = 0; i < 2; i++) emit(j, m + i, n, t[i]); }
+      for (; m < M; m++) { dot_i4<1>(*j.x, m, j.w, n, t); emit(j, m, n, t[0]); }
+    }
+  }
+}
+
+// All jobs' rows in one parallel region (blocks of 16 weight rows), so a fused call costs one dispatch.
+void run_jobs(const std::vector<Job>& jobs) {
+  constexpr int64_t BLOCK = 16;
+  std::vector<int64_t> start(jobs.size() + 1, 0);
+  for (size_t i = 0; i < jobs.size(); i++) start[i + 1] = start[i] + (jobs[i].w.N + BLOCK - 1) / BLOCK;
+  parallel_for(start.back(), 1, [&](int64_t b0, int64_t b1) {
+    for (size_t i = 0; i < jobs.size(); i++) {
+      const int64_t lo = std::max(b0, start[i]), hi = std::min(b1, start[i + 1]);
+      if (lo >= hi) continue;
+      run_rows(jobs[i], (lo - start[i]) * BLOCK, std::min(jobs[i].w.N, (hi - start[i]) * BLOCK));
+    }
   });
 }
 
-std::vector<float> float_rows(const torch::Tensor& x) {
-  std::vector<float> buf(x.numel());
-  if (x.scalar_type() == at::kFloat) {
-    std::memcpy(buf.data(), x.data_ptr<float>(), sizeof(float) * x.numel());
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "activations must be float32 or bfloat16");
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    for (int64_t i = 0; i < x.numel(); i++) buf[i] = bf16_to_f(src[i]);
-  }
-  return buf;
+// float rows of x ([M, K] float or bf16).
+const float* as_float(const torch::Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "activations must be float32 or bfloat16");
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  buf.resize(x.numel());
+  for (int64_t i = 0; i < x.numel(); i++) buf[i] = bf16_to_f(src[i]);
+  return buf.data();
 }
 
-template <typename F>
-torch::Tensor dispatch_out(const torch::Tensor& x, int64_t M, int64_t N, F body) {
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  auto out = torch::empty(sizes, x.options());
-  if (x.scalar_type() == at::kBFloat16) body(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-  else body(out.data_ptr<float>());
-  return out;
+const float* opt_float(const c10::optional<torch::Tensor>& t, torch::Tensor& keep) {
+  if (!t.has_value()) return nullptr;
+  keep = t->to(at::kFloat).contiguous();
+  return keep.data_ptr<float>();
+}
+
+Job job(const QW& w, const XQ* x, const float* bias, float* out) {
+  Job j; j.w = w; j.x = x; j.bias = bias; j.out = out; j.ldo = w.N; return j;
+}
+
+// rows [T, heads * D] -> optional per-head RMSNorm and RoPE -> out[0, head, t, :] (transformers' roundings)
+void norm_rope_store(const float* rows, int64_t T, int64_t heads, int64_t D, const float* norm_w, float eps,
+                     const float* cos, const float* sin, bool bf16, torch::Tensor& out) {
+  const int64_t half = D / 2;
+  std::vector<float> y(D);
+  for (int64_t i = 0; i < T * heads; i++) {
+    const int64_t t = i / heads, h = i % heads;
+    const float* x = rows + t * heads * D + h * D;
+    for (int64_t d = 0; d < D; d++) y[d] = rnd(x[d], bf16);
+    if (norm_w) {
+      float sum = 0.f;
+      for (int64_t d = 0; d < D; d++) sum += y[d] * y[d];
+      const float scale = 1.f / std::sqrt(sum / D + eps);
+      for (int64_t d = 0; d < D; d++) y[d] = rnd(norm_w[d] * rnd(y[d] * scale, bf16), bf16);
+    }
+    const float* c = cos + t * D;
+    const float* s = sin + t * D;
+    const int64_t offset = (h * T + t) * D;
+    for (int64_t d = 0; d < D; d++) {
+      const float rotated = d < half ? -y[d + half] : y[d - half];
+      const float v = rnd(rnd(y[d] * c[d], bf16) + rnd(rotated * s[d], bf16), bf16);
+      if (bf16) reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())[offset + d] = f_to_bf16(v);
+      else out.data_ptr<float>()[offset + d] = v;
+    }
+  }
 }
 
 }  // namespace
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "q: contiguous int8 [N, K]");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: float32 [N]");
-  const int64_t N = q.size(0), K = q.size(1);
-  TORCH_CHECK(x.size(-1) == K, "x and q disagree on K");
-  auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  auto xf = float_rows(x2);
-  torch::Tensor bias_f;
-  const float* bp = nullptr;
-  if (bias.has_value()) { bias_f = bias->to(at::kFloat).contiguous(); bp = bias_f.data_ptr<float>(); }
-  const float* xp = xf.data();
-  const int8_t* wp = q.data_ptr<int8_t>();
-  return dispatch_out(x, M, N, [&](auto* out) {
-    run_tiles(M, N, out, scales.data_ptr<float>(), bp,
-              [&](int64_t m, int64_t n, float* t) { dot_i8<1, 4>(xp + m * K, K, wp + n * K, t); },
-              [&](int64_t m, int64_t n, float* t) { dot_i8<1, 1>(xp + m * K, K, wp + n * K, t); },
-              [&](int64_t m, int64_t n, float* t) { dot_i8<3, 4>(xp + m * K, K, wp + n * K, t); });
-  });
+void set_pool(int64_t address) { pool_run = reinterpret_cast<PoolRun>(address); }
+
+// y = x @ dequant(w).T (+ bias); x [..., K] float or bf16, few rows (decode); y in x's dtype.
+torch::Tensor linear(torch::Tensor x, std::vector<torch::Tensor> weight, c10::optional<torch::Tensor> bias) {
+  const QW w = make_qw(weight);
+  TORCH_CHECK(x.size(-1) == w.K, "x and the weight disagree on K");
+  auto x2 = x.reshape({-1, w.K}).contiguous();
+  std::vector<float> xb;
+  XQ xq;
+  quantize_rows(as_float(x2, xb), x2.size(0), w.K, w.block(), xq);
+  torch::Tensor bk;
+  auto sizes = x.sizes().vec();
+  sizes.back() = w.N;
+  auto out = torch::empty(sizes, x.options());
+  Job j = job(w, &xq, opt_float(bias, bk), nullptr);
+  j.out_bf16 = x.scalar_type() == at::kBFloat16;
+  j.out = out.data_ptr();
+  run_jobs({j});
+  return out;
 }
 
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t G,
-                          c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(), "packed: uint8 [N, K/2]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales: float16 [N, K/G]");
-  const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(G % 32 == 0 && K % G == 0 && scales.size(1) == K / G, "group size must divide K, multiple of 32");
-  TORCH_CHECK(x.size(-1) == K, "x and weight disagree on K");
-  auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0), ngroups = K / G;
-  auto xf = float_rows(x2);
-  std::vector<float> xsum(M * ngroups);
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t g = 0; g < ngroups; g++) {
-      float s = 0.f;
-      for (int64_t k = g * G; k < (g + 1) * G; k++) s += xf[m * K + k];
-      xsum[m * ngroups + g] = s;
+// Attention inputs for x [1, T, hidden]: q/k/v projections (one parallel region), Qwen3's per-head q/k
+// RMSNorm when given, RoPE with cos/sin [T, D]. Returns q [1, Hq, T, D], k, v [1, Hkv, T, D] in x's dtype.
+std::vector<torch::Tensor> attention_inputs(torch::Tensor x, std::vector<torch::Tensor> wq, std::vector<torch::Tensor> wk,
+                                            std::vector<torch::Tensor> wv, c10::optional<torch::Tensor> bq,
+                                            c10::optional<torch::Tensor> bk, c10::optional<torch::Tensor> bv,
+                                            c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
+                                            torch::Tensor cos, torch::Tensor sin, double eps, int64_t heads,
+                                            int64_t kv_heads, int64_t D) {
+  const QW q = make_qw(wq), k = make_qw(wk), v = make_qw(wv);
+  const int64_t K = x.size(-1), T = x.numel() / K;
+  TORCH_CHECK(q.K == K && k.K == K && v.K == K && q.N == heads * D && k.N == kv_heads * D && v.N == kv_heads * D,
+              "attention_inputs: weight shapes");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto x2 = x.reshape({T, K}).contiguous();
+  std::vector<float> xb;
+  const float* xp = as_float(x2, xb);
+  XQ xq, xq2;
+  quantize_rows(xp, T, K, q.block(), xq);
+  const XQ* xk = &xq;
+  if (k.block() != q.block() || v.block() != q.block()) { quantize_rows(xp, T, K, k.block(), xq2); xk = &xq2; }
+  torch::Tensor kb_q, kb_k, kb_v, kn_q, kn_k;
+  const float *pbq = opt_float(bq, kb_q), *pbk = opt_float(bk, kb_k), *pbv = opt_float(bv, kb_v);
+  const float *pnq = opt_float(q_norm, kn_q), *pnk = opt_float(k_norm, kn_k);
+  auto cf = cos.reshape({T, D}).to(at::kFloat).contiguous(), sf = sin.reshape({T, D}).to(at::kFloat).contiguous();
+  std::vector<float> qr(T * q.N), kr(T * k.N);
+  auto v_rows = torch::empty({T, v.N}, x.options());
+  Job jv = job(v, xk, pbv, nullptr);
+  jv.out = v_rows.data_ptr();
+  jv.out_bf16 = bf16;
+  run_jobs({job(q, &xq, pbq, qr.data()), job(k, xk, pbk, kr.data()), jv});
+  auto qo = torch::empty({1, heads, T, D}, x.options());
+  auto ko = torch::empty({1, kv_heads, T, D}, x.options());
+  norm_rope_store(qr.data(), T, heads, D, pnq, float(eps), cf.data_ptr<float>(), sf.data_ptr<float>(), bf16, qo);
+  norm_rope_store(kr.data(), T, kv_heads, D, pnk, float(eps), cf.data_ptr<float>(), sf.data_ptr<float>(), bf16, ko);
+  auto vo = T == 1 ? v_rows.view({1, kv_heads, 1, D}) : v_rows.view({1, T, kv_heads, D}).transpose(1, 2).contiguous();
+  return {qo, ko, vo};
+}
+
+// SwiGLU MLP down(silu(gate(x)) * up(x)): gate and up in one parallel region, intermediates rounded like
+// transformers when x is bf16.
+torch::Tensor mlp(torch::Tensor x, std::vector<torch::Tensor> wg, std::vector<torch::Tensor> wu,
+                  std::vector<torch::Tensor> wd) {
+  const QW g = make_qw(wg), u = make_qw(wu), d = make_qw(wd);
+  const int64_t K = x.size(-1), T = x.numel() / K, I = g.N;
+  TORCH_CHECK(g.K == K && u.K == K && u.N == I && d.K == I, "mlp: weight shapes");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto x2 = x.reshape({T, K}).contiguous();
+  std::vector<float> xb;
+  const float* xp = as_float(x2, xb);
+  XQ xq, xq2;
+  quantize_rows(xp, T, K, g.block(), xq);
+  const XQ* xu = &xq;
+  if (u.block() != g.block()) { quantize_rows(xp, T, K, u.block(), xq2); xu = &xq2; }
+  std::vector<float> gr(T * I), ur(T * I);
+  run_jobs({job(g, &xq, nullptr, gr.data()), job(u, xu, nullptr, ur.data())});
+  for (int64_t i = 0; i < T * I; i++) {
+    const float gate = rnd(gr[i], bf16);
+    gr[i] = rnd(rnd(gate / (1.f + std::exp(-gate)), bf16) * rnd(ur[i], bf16), bf16);
+  }
+  XQ hq;
+  quantize_rows(gr.data(), T, I, d.block(), hq);
+  auto sizes = x.sizes().vec();
+  sizes.back() = d.N;
+  auto out = torch::empty(sizes, x.options());
+  Job jd = job(d, &hq, nullptr, nullptr);
+  jd.out = out.data_ptr();
+  jd.out_bf16 = bf16;
+  run_jobs({jd});
+  return out;
+}
+
+// ---- int4 scale search (quantization time) ----
+namespace {
+inline float half_round(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
+
+// Squared error of a group of G (multiple of 8) values coded with scale s and min m (codes 0..15).
+inline float group_error(const float* x, int64_t G, float s, float m) {
+  const __m256 inv = _mm256_set1_ps(1.f / s), sv = _mm256_set1_ps(s), mv = _mm256_set1_ps(m);
+  const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(15.f);
+  __m256 e = _mm256_setzero_ps();
+  for (int64_t k = 0; k < G; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, mv), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(q, zero), top);
+    const __m256 d = _mm256_sub_ps(_mm256_fmadd_ps(q, sv, mv), v);
+    e = _mm256_fmadd_ps(d, d, e);
+  }
+  return hsum(e);
+}
+}  // namespace
+
+// Asymmetric 4-bit codes for groups x [R, G] (float32): for each candidate scale of a small grid,
+// (15 + d) / (max - min) for d in -1.0, -0.9, ..., 1.0, round, then refit scale and min by least squares
+// to those codes; keep the pair (rounded to float16) whose codes give the least squared error.
+// Returns codes uint8 [R, G] in 0..15, scales and mins float32 [R] (exactly representable in float16).
+std::vector<torch::Tensor> int4_search(torch::Tensor groups) {
+  TORCH_CHECK(groups.scalar_type() == at::kFloat && groups.dim() == 2 && groups.is_contiguous(), "float32 [R, G]");
+  const int64_t R = groups.size(0), G = groups.size(1);
+  TORCH_CHECK(G % 8 == 0 && G > 0, "group size must be a multiple of 8");
+  auto codes = torch::empty({R, G}, torch::kByte);
+  auto scales = torch::empty({R}, torch::kFloat), mins = torch::empty({R}, torch::kFloat);
+  const float* xp = groups.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float *sp = scales.data_ptr<float>(), *mp = mins.data_ptr<float>();
+  parallel_for(R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const float* x = xp + r * G;
+      float lo = x[0], hi = x[0], sw = 0.f;
+      for (int64_t k = 0; k < G; k++) { lo = std::min(lo, x[k]); hi = std::max(hi, x[k]); sw += x[k]; }
+      float best_s = half_round((hi - lo) / 15.f), best_m = half_round(lo);
+      if (!(best_s > 0.f)) {  // a constant group (or one below float16's range): every code 0
+        sp[r] = 0.f; mp[r] = half_round(lo);
+        std::memset(cp + r * G, 0, G);
+        continue;
+      }
+      float best_e = group_error(x, G, best_s, best_m);
+      const float range = hi - lo;
+      for (int step = -10; step <= 10; step++) {
+        const float iscale = (15.f + 0.1f * step) / range;
+        const __m256 lov = _mm256_set1_ps(lo), isv = _mm256_set1_ps(iscale);
+        const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(15.f);
+        __m256 aq = _mm256_setzero_ps(), aqq = aq, aqw = aq;
+        for (int64_t k = 0; k < G; k += 8) {
+          const __m256 v = _mm256_loadu_ps(x + k);
+          __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, lov), isv),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          q = _mm256_min_ps(_mm256_max_ps(q, zero), top);
+          aq = _mm256_add_ps(aq, q);
+          aqq = _mm256_fmadd_ps(q, q, aqq);
+          aqw = _mm256_fmadd_ps(q, v, aqw);
+        }
+        const float sq = hsum(aq), sqq = hsum(aqq), sqw = hsum(aqw);
+        const float det = float(G) * sqq - sq * sq;
+        if (!(det > 0.f)) continue;
+        const float s = half_round((float(G) * sqw - sq * sw) / det);
+        const float m = half_round((sw - s * sq) / float(G));
+        if (!(s > 0.f)) continue;
+        const float e = group_error(x, G, s, m);
+        if (e < best_e) { best_e = e; best_s = s; best_m = m; }
+      }
+      sp[r] = best_s; mp[r] = best_m;
+      const float inv = 1.f / best_s;
+      for (int64_t k = 0; k < G; k++)
+        cp[r * G + k] = uint8_t(std::min(15.f, std::max(0.f, std::nearbyint((x[k] - best_m) * inv))));
     }
-  torch::Tensor bias_f;
-  const float* bp = nullptr;
-  if (bias.has_value()) { bias_f = bias->to(at::kFloat).contiguous(); bp = bias_f.data_ptr<float>(); }
-  const float* xp = xf.data();
-  const float* sp = xsum.data();
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const at::Half* scp = scales.data_ptr<at::Half>();
-  return dispatch_out(x, M, N, [&](auto* out) {
-    run_tiles(M, N, out, nullptr, bp,
-              [&](int64_t m, int64_t n, float* t) {
-                dot_i4<1, 4>(xp + m * K, sp + m * ngroups, K, G, wp + n * (K / 2), scp + n * ngroups, t); },
-              [&](int64_t m, int64_t n, float* t) {
-                dot_i4<1, 1>(xp + m * K, sp + m * ngroups, K, G, wp + n * (K / 2), scp + n * ngroups, t); },
-              [&](int64_t m, int64_t n, float* t) {
-                dot_i4<3, 4>(xp + m * K, sp + m * ngroups, K, G, wp + n * (K / 2), scp + n * ngroups, t); });
   });
+  return {codes, scales, mins};
 }
 """
 
-_FUNCTIONS = ["int8_linear", "int4_linear"]
+_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "int4_search"]
 _module = None
 _failed = False
 
@@ -236,20 +517,24 @@ def load():
     global _module, _failed
     if _module is not None or _failed:
         return _module
-    from ..engine.kernels import cpu_supported
+    from ..engine import kernels as engine_kernels
 
     reason = None
     if os.environ.get("QWENLAB_KERNELS", "1") == "0":
         reason = "QWENLAB_KERNELS=0"
-    elif not cpu_supported():
+    elif not engine_kernels.cpu_supported():
         reason = "this CPU lacks AVX2/FMA"
     else:
         try:
             from torch.utils.cpp_extension import load_inline
 
             digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:10]
-            _module = load_inline(f"qwenlab_quant_kernels_{digest}", cpp_sources=_SOURCE, functions=_FUNCTIONS,
-                                  extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], verbose=False)
+            module = load_inline(f"qwenlab_quant_kernels_{digest}", cpp_sources=_SOURCE, functions=_FUNCTIONS,
+                                 extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], verbose=False)
+            engine = engine_kernels.load()
+            if engine is not None and hasattr(engine, "pool_run_address"):
+                module.set_pool(engine.pool_run_address())  # one pool for the whole decode step
+            _module = module
         except Exception as exc:  # no compiler, no headers, ...
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if _module is None:

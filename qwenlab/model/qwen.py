@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..errors import RequestError
+from .fused import linear_cross_entropy_sum
 from .layers import MLP, Attention, CausalAttention, RMSNorm, RotaryEmbedding
 from .moe import Experts, SparseMoE, load_balancing_loss
 
@@ -25,6 +27,7 @@ class ForwardOutput:
     hidden_states: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] = ()
     aux_loss: torch.Tensor | None = None
+    ce_sum: torch.Tensor | None = None  # summed token cross-entropy (float32), when loss_targets were given
 
 
 class DecoderLayer(nn.Module):
@@ -68,15 +71,20 @@ class QwenForCausalLM(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, context=None,
-                logits_indices: torch.Tensor | None = None, output_router_logits: bool = False):
+                logits_indices: torch.Tensor | None = None, output_router_logits: bool = False,
+                loss_targets: torch.Tensor | None = None):
         """Logits [B, S, V] (or [len(logits_indices), V] for the selected flattened tokens).
 
         With ``output_router_logits`` a ``ForwardOutput`` is returned, carrying the router logits of every
-        MoE layer and transformers' load-balancing loss as ``aux_loss``.
+        MoE layer and transformers' load-balancing loss as ``aux_loss``. With ``loss_targets`` (one target
+        per selected token) a ``ForwardOutput`` is returned with the summed cross-entropy as ``ce_sum``
+        and no logits: the LM head and the loss run fused (training).
         """
         hidden, router_logits = self.forward_hidden(input_ids, positions, context, output_router_logits)
         if logits_indices is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1])[logits_indices]
+        if loss_targets is not None:
+            return self._forward_loss(hidden, loss_targets, router_logits, output_router_logits)
         logits = self.lm_head(hidden)
         if not output_router_logits:
             return logits
@@ -84,6 +92,15 @@ class QwenForCausalLM(nn.Module):
         if router_logits:
             aux = load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok)
         return ForwardOutput(logits=logits, router_logits=router_logits, aux_loss=aux)
+
+    def _forward_loss(self, hidden, targets, router_logits, output_router_logits) -> ForwardOutput:
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None:  # not a LoRA-wrapped head
+            ce = linear_cross_entropy_sum(hidden, head.weight, targets)
+        else:
+            ce = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+        return ForwardOutput(logits=None, router_logits=router_logits if output_router_logits else (), ce_sum=ce)
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, context=None,
                        output_router_logits: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

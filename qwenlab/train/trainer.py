@@ -173,8 +173,8 @@ class StepLoss:
         index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         moe = self.moe_layers > 0
         out = model(batch["input_ids"], positions=batch["positions"], context=DocumentAttention(batch["doc_ids"]),
-                    logits_indices=index, output_router_logits=moe)
-        ce = cross_entropy_sum(out.logits if moe else out, labels[index])
+                    logits_indices=index, output_router_logits=moe, loss_targets=labels[index])
+        ce = out.ce_sum
         loss = ce / self.targets
         if self.tracker is not None:
             loss = loss + self.aux_coef * self.tracker.loss(out.router_logits, batch["valid"])

@@ -8,7 +8,8 @@ Steps (outputs under build/default unless --work says otherwise):
 1. corpora     scripts/default_corpora.py: Python docs prose, standard-library code, whole modules (long)
 2. sft data    scripts/make_synthetic_sft.py: synthetic chats (train seed 0, held-out seed 1)
 3. tokenizer   scripts/train_tokenizer.py: 8,192-token byte-level BPE with Qwen's regex, specials, template
-4. sft shards  each assistant turn becomes one example: the conversation before it (rendered by the chat
+4. shards      prose and code training text tokenized once (`qwenlab data prepare`): used by the
+               pretraining stages and, with a small weight, mixed into SFT; and the SFT shards: each assistant turn becomes one example: the conversation before it (rendered by the chat
                template, with the record's enable_thinking) is context, the turn itself is the target, so
                the model learns exactly what it sees at inference (Qwen3's template drops earlier turns'
                reasoning and, with thinking off, puts an empty <think></think> in the prompt)
@@ -143,6 +144,10 @@ def main(argv=None) -> int:
     if not (tok / "generation_config.json").is_file():
         run([python, "scripts/train_tokenizer.py", "--corpora", str(corpora), "--sft", str(sft / "train.jsonl"),
              "--vocab-size", "8192", "--out", str(tok)])
+    for corpus in ("prose-train", "code-train"):
+        if not (work / "prepared" / corpus / "meta.json").is_file():
+            run([str(Path(python).with_name("qwenlab")), "data", "prepare", str(corpora / f"{corpus}.jsonl"),
+                 "--out", str(work / "prepared" / corpus), "--tokenizer", str(tok), "--format", "jsonl"])
     for split in ("train", "heldout"):
         if not (sft / f"prepared-{split}" / "meta.json").is_file():
             prepare_sft(sft / f"{split}.jsonl", tok, sft / f"prepared-{split}")

@@ -151,3 +151,57 @@ def test_work_pool_with_two_threads_gives_the_same_results(ops):
             ops.set_blas_min_rows(128)  # the default
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("family,threads", [("qwen3", 1), ("qwen2", 2)])
+def test_fused_decode_step_is_bit_identical_to_the_module_route(ops, family, threads, tmp_path):
+    """A decode step in one kernel call (fused_decode.py) gives exactly the module route's logits: alone,
+    batched with late arrivals (several decode rows, mixed prefill steps), q/k norms or q/k/v biases."""
+    directory, _ = hf_checkpoint(family, tmp_path / family, seed=4, initializer_range=0.1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = {}
+        for fused in (True, False):
+            engine = make_engine(directory, dtype="bfloat16", use_kernels=True)
+            assert engine.runner.fused is not None
+            if not fused:
+                engine.runner.fused = None
+            else:
+                calls = []
+                run = engine.runner.fused.run
+                engine.runner.fused.run = lambda *a: calls.append(1) or run(*a)
+            recorder = LogitsRecorder(engine)
+            prompts = random_prompts([5, 11, 3], seed=6)
+            run_all(engine, {"a": (prompts[0], greedy(10))}, late={"b": (prompts[1], greedy(8)),
+                                                                   "c": (prompts[2], greedy(6))})
+            rows[fused] = recorder.rows
+            if fused:
+                assert len(calls) >= 8  # most steps were decode-only (several rows in some)
+        assert rows[True].keys() == rows[False].keys()
+        for key in rows[False]:
+            assert len(rows[True][key]) == len(rows[False][key])
+            for got, expected in zip(rows[True][key], rows[False][key]):
+                assert torch.equal(got, expected), key
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_fused_decode_is_used_only_where_it_applies(ops, tmp_path):
+    directory, _ = hf_checkpoint("qwen2_moe", tmp_path / "moe", seed=1)
+    assert make_engine(directory, dtype="bfloat16", use_kernels=True).runner.fused is None  # MoE layers
+    directory, _ = hf_checkpoint("qwen3", tmp_path / "dense", seed=1)
+    assert make_engine(directory, dtype="float32", use_kernels=True).runner.fused is None  # float32
+    assert make_engine(directory, dtype="bfloat16", use_kernels=True).runner.fused is not None
+
+
+def test_argmax_bf16_matches_torch(ops):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 1003, generator=g).bfloat16()
+    x[1, 17] = x[1, 900] = 50.0  # a tie: the first index
+    x[2, :] = float("-inf")  # all -inf: index 0
+    x[3, 5] = float("nan")  # a NaN counts as the maximum
+    x[3, 999] = 100.0
+    assert ops.argmax_bf16(x).tolist() == x.argmax(-1).tolist() == [int(x[0].float().argmax()), 17, 0, 5]
+    y = torch.randn(3, 151936, generator=g).bfloat16()
+    assert ops.argmax_bf16(y).tolist() == y.argmax(-1).tolist()

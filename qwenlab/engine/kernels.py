@@ -742,11 +742,345 @@ torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor expert_ids, torch:
   return out.to(x.scalar_type());
 }
 
+// ---- decode in one call: a whole dense bf16 model forward for a few single-token rows ------------------
+// A plan holds one model's weights (pointers, float copies of the small vectors) and KV caches; each decode
+// step is then one call: embedding, every layer (norm -> q/k/v -> q/k norm + RoPE -> KV write -> paged
+// attention -> o_proj + residual -> norm -> gate/up + SwiGLU -> down + residual), final norm, LM head.
+// The arithmetic and roundings are exactly those of the per-module kernels above (same GEMV routines, same
+// expressions), so the logits are bit-identical to the module-by-module route; what goes away is Python,
+// tensor allocation and dtype conversion between the pieces, and half the thread-pool round trips (q/k/v in
+// one parallel region, gate/up in one with SwiGLU applied per chunk, residual adds inside the chunks).
+namespace {
+
+struct PlanLayer {
+  const uint16_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;
+  std::vector<float> in_norm, post_norm, q_norm, k_norm, bq, bk, bv, bo;  // empty = absent
+  torch::Tensor k_cache, v_cache;
+};
+
+struct DecodePlan {
+  std::vector<torch::Tensor> keep;  // every weight and cache stays alive while the plan exists
+  std::vector<PlanLayer> layers;
+  const uint16_t *embed = nullptr, *lm_head = nullptr;
+  std::vector<float> final_norm;
+  int64_t hidden = 0, heads = 0, kv_heads = 0, D = 0, inter = 0, vocab = 0;
+  float eps = 0.f, qk_eps = 0.f, scale = 1.f;
+  std::vector<float> h, xn, q, k, v, att, g;  // scratch, sized per call
+};
+
+std::vector<std::unique_ptr<DecodePlan>>& decode_plans() {
+  static std::vector<std::unique_ptr<DecodePlan>> plans;
+  return plans;
+}
+
+std::vector<float> float_vector(const torch::Tensor& t) {
+  if (!t.defined() || t.numel() == 0) return {};
+  auto f = t.to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+}
+
+const uint16_t* bf16_matrix(DecodePlan& plan, const torch::Tensor& t, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows &&
+              t.size(1) == cols, "decode plan: expected a contiguous bf16 [", rows, ", ", cols, "] matrix, got ",
+              t.sizes());
+  plan.keep.push_back(t);
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// Whether gemm_bf16 would hand M rows to the BLAS or the packed kernel (then the plan calls it as is).
+inline bool gemm_route(int64_t M) {
+  return (blas_min_rows > 0 && M >= blas_min_rows) || (packed_min_rows > 0 && M >= packed_min_rows);
+}
+
+// Output rows [n0, n1) of out[M, N] = x[M, K] @ w.T (+ bias), by the same routine gemm_bf16 picks for M.
+template <typename OutT>
+inline void gemm_part(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, OutT* out,
+                      int64_t N, const float* bias) {
+  if (M == 1) gemv_rows(x, K, w, n0, n1, out, bias);
+  else if (M == 2) rows_range<2, 6>(x, M, K, w, n0, n1, out, N, bias);
+  else rows_range<3, 4>(x, M, K, w, n0, n1, out, N, bias);
+}
+
+struct Part { int64_t mat, n0, n1; };
+
+// Split matrices of the given row counts and widths into about chunks_per_thread x threads parts, each
+// inside one matrix, in proportion to the bytes each matrix holds (rows in multiples of 16).
+std::vector<Part> split_parts(const std::vector<std::pair<int64_t, int64_t>>& shapes) {
+  const int64_t want = chunks_per_thread * std::max(1, at::get_num_threads());
+  double total = 0;
+  for (auto& s : shapes) total += double(s.first) * s.second;
+  std::vector<Part> parts;
+  for (int64_t i = 0; i < int64_t(shapes.size()); i++) {
+    const int64_t N = shapes[i].first;
+    const int64_t pieces = std::max<int64_t>(1, std::llround(want * double(N) * shapes[i].second / total));
+    const int64_t step = std::max<int64_t>(16, (N + pieces - 1) / pieces + 15) / 16 * 16;
+    for (int64_t n = 0; n < N; n += step) parts.push_back({i, n, std::min(N, n + step)});
+  }
+  return parts;
+}
+
+void run_parts(const std::vector<Part>& parts, const std::function<void(const Part&)>& fn) {
+  const std::function<void(int64_t)> body = [&](int64_t i) { fn(parts[i]); };
+  WorkPool::get().run(int64_t(parts.size()), body);
+}
+
+// transformers' bf16 RMSNorm of M rows (the arithmetic of rms_norm): out holds bf16 values as float.
+void norm_rows(const float* x, int64_t M, int64_t D, const float* w, double eps, float* out) {
+  for (int64_t r = 0; r < M; r++) {
+    const float* src = x + r * D;
+    float* dst = out + r * D;
+    float sum = 0.f;
+    for (int64_t d = 0; d < D; d++) { const float v = src[d]; sum += v * v; }
+    const float scale = 1.f / std::sqrt(sum / D + float(eps));
+    for (int64_t d = 0; d < D; d++) dst[d] = to_f(to_bf16(w[d] * to_f(to_bf16(src[d] * scale))));
+  }
+}
+
+// One head's row (bf16 values as float) -> optional RMSNorm, RoPE (the arithmetic of norm_rope_store).
+void norm_rope_head(const float* x, int64_t D, const float* norm_w, float eps, const float* c, const float* s,
+                    float* y, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; d++) y[d] = x[d];
+  if (norm_w) {
+    float sum = 0.f;
+    for (int64_t d = 0; d < D; d++) sum += y[d] * y[d];
+    const float scale = 1.f / std::sqrt(sum / D + eps);
+    for (int64_t d = 0; d < D; d++) y[d] = rnd(norm_w[d] * rnd(y[d] * scale, true), true);
+  }
+  for (int64_t d = 0; d < D; d++) {
+    const float rotated = d < half ? -y[d + half] : y[d - half];
+    out[d] = rnd(rnd(y[d] * c[d], true) + rnd(rotated * s[d], true), true);
+  }
+}
+
+inline const float* opt_ptr(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
+
+}  // namespace
+
+// Builds a plan; returns its id for decode_plan_run. Per layer, 17 tensors in this order: input norm,
+// q, k, v weights, q, k, v biases, q norm, k norm, o weight, o bias, post-attention norm, gate, up, down
+// weights, then the layer's k and v caches; an absent bias or norm is an empty tensor. dims: hidden, heads,
+// kv_heads, head_dim, intermediate, vocab.
+int64_t decode_plan_create(std::vector<torch::Tensor> layers, torch::Tensor embed, torch::Tensor final_norm,
+                           torch::Tensor lm_head, std::vector<int64_t> dims, double eps, double qk_eps, double scale) {
+  TORCH_CHECK(dims.size() == 6 && layers.size() % 17 == 0, "decode plan: bad arguments");
+  auto plan = std::make_unique<DecodePlan>();
+  DecodePlan& p = *plan;
+  p.hidden = dims[0]; p.heads = dims[1]; p.kv_heads = dims[2]; p.D = dims[3]; p.inter = dims[4]; p.vocab = dims[5];
+  p.eps = float(eps); p.qk_eps = float(qk_eps); p.scale = float(scale);
+  const int64_t H = p.hidden, qd = p.heads * p.D, kvd = p.kv_heads * p.D, I = p.inter;
+  TORCH_CHECK(p.D % 2 == 0 && p.heads % p.kv_heads == 0, "decode plan: head layout");
+  p.embed = bf16_matrix(p, embed, p.vocab, H);
+  p.lm_head = bf16_matrix(p, lm_head, p.vocab, H);
+  p.final_norm = float_vector(final_norm);
+  TORCH_CHECK(int64_t(p.final_norm.size()) == H, "decode plan: final norm");
+  for (size_t i = 0; i < layers.size(); i += 17) {
+    const torch::Tensor* t = layers.data() + i;
+    PlanLayer L;
+    L.in_norm = float_vector(t[0]);
+    L.wq = bf16_matrix(p, t[1], qd, H); L.wk = bf16_matrix(p, t[2], kvd, H); L.wv = bf16_matrix(p, t[3], kvd, H);
+    L.bq = float_vector(t[4]); L.bk = float_vector(t[5]); L.bv = float_vector(t[6]);
+    L.q_norm = float_vector(t[7]); L.k_norm = float_vector(t[8]);
+    L.wo = bf16_matrix(p, t[9], H, qd); L.bo = float_vector(t[10]);
+    L.post_norm = float_vector(t[11]);
+    L.wg = bf16_matrix(p, t[12], I, H); L.wu = bf16_matrix(p, t[13], I, H); L.wd = bf16_matrix(p, t[14], H, I);
+    L.k_cache = t[15]; L.v_cache = t[16];
+    TORCH_CHECK(int64_t(L.in_norm.size()) == H && int64_t(L.post_norm.size()) == H, "decode plan: norms");
+    TORCH_CHECK(L.bq.empty() == L.bk.empty() && L.bk.empty() == L.bv.empty(), "decode plan: biases");
+    TORCH_CHECK(L.q_norm.empty() == L.k_norm.empty(), "decode plan: q/k norms");
+    for (const auto& c : {L.k_cache, L.v_cache})
+      TORCH_CHECK(c.scalar_type() == at::kBFloat16 && c.is_contiguous() && c.dim() == 4 && c.size(2) == p.kv_heads &&
+                  c.size(3) == p.D, "decode plan: caches must be contiguous bf16 [blocks, block_size, kv_heads, head_dim]");
+    p.keep.push_back(L.k_cache);
+    p.keep.push_back(L.v_cache);
+    plan->layers.push_back(std::move(L));
+  }
+  decode_plans().push_back(std::move(plan));
+  return int64_t(decode_plans().size()) - 1;
+}
+
+// Drops a plan's references (its weights and caches may then be freed).
+void decode_plan_free(int64_t id) {
+  auto& plans = decode_plans();
+  if (id >= 0 && id < int64_t(plans.size())) plans[id].reset();
+}
+
+// One decode step of M single-token rows: ids [M] (int64), cos/sin [M, head_dim] (bf16, the model's rotary
+// tables), slots [M] (int64 cache slots), block_tables [M, max_blocks] int32, context_lens [M] int32.
+// Returns the logits [M, vocab] in bf16.
+torch::Tensor decode_plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
+                              torch::Tensor block_tables, torch::Tensor context_lens) {
+  auto& plans = decode_plans();
+  TORCH_CHECK(id >= 0 && id < int64_t(plans.size()) && plans[id], "decode plan: unknown id");
+  DecodePlan& p = *plans[id];
+  const int64_t H = p.hidden, D = p.D, heads = p.heads, kvh = p.kv_heads, I = p.inter, V = p.vocab;
+  const int64_t qd = heads * D, kvd = kvh * D;
+  auto idc = ids.to(at::kLong).contiguous();
+  auto slot = slots.to(at::kLong).contiguous();
+  auto tables = block_tables.to(at::kInt).contiguous();
+  auto lens = context_lens.to(at::kInt).contiguous();
+  auto cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  const int64_t M = idc.numel();
+  TORCH_CHECK(M >= 1 && cf.numel() == M * D && sf.numel() == M * D && slot.numel() == M && lens.numel() == M &&
+              tables.dim() == 2 && tables.size(0) == M, "decode plan: inputs disagree on the row count");
+  const int64_t* idp = idc.data_ptr<int64_t>();
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M; m++) {
+    TORCH_CHECK(idp[m] >= 0 && idp[m] < V, "token id ", idp[m], " is outside the vocabulary (0..", V - 1, ")");
+    TORCH_CHECK(lp[m] >= 1 && lp[m] <= tables.size(1) * p.layers[0].k_cache.size(1), "decode plan: context length");
+  }
+  p.h.resize(M * H); p.xn.resize(M * std::max(H, qd)); p.q.resize(M * qd); p.k.resize(M * kvd);
+  p.v.resize(M * kvd); p.att.resize(M * qd); p.g.resize(M * 2 * I);
+  float *h = p.h.data(), *xn = p.xn.data(), *q = p.q.data(), *k = p.k.data(), *v = p.v.data(), *att = p.att.data();
+  float *gate = p.g.data(), *up = p.g.data() + M * I;
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t d = 0; d < H; d++) h[m * H + d] = to_f(p.embed[idp[m] * H + d]);
+  const bool big = gemm_route(M);
+  const auto qkv_parts = split_parts({{qd, H}, {kvd, H}, {kvd, H}});
+  const auto o_parts = split_parts({{H, qd}});
+  const auto mlp_parts = split_parts({{I, 2 * H}});
+  const auto down_parts = split_parts({{H, I}});
+  std::vector<float> y(D);
+  for (auto& L : p.layers) {
+    const int64_t bs = L.k_cache.size(1), n_slots = L.k_cache.numel() / kvd;
+    // attention block
+    norm_rows(h, M, H, L.in_norm.data(), p.eps, xn);
+    const float* bias[3] = {opt_ptr(L.bq), opt_ptr(L.bk), opt_ptr(L.bv)};
+    const uint16_t* wts[3] = {L.wq, L.wk, L.wv};
+    float* outs[3] = {q, k, v};
+    const int64_t widths[3] = {qd, kvd, kvd};
+    if (big) {
+      for (int i = 0; i < 3; i++) gemm_bf16(xn, M, H, wts[i], widths[i], outs[i], bias[i]);
+    } else {
+      run_parts(qkv_parts, [&](const Part& part) {
+        gemm_part(xn, M, H, wts[part.mat], part.n0, part.n1, outs[part.mat], widths[part.mat], bias[part.mat]);
+      });
+    }
+    uint16_t* kc = reinterpret_cast<uint16_t*>(L.k_cache.data_ptr<at::BFloat16>());
+    uint16_t* vc = reinterpret_cast<uint16_t*>(L.v_cache.data_ptr<at::BFloat16>());
+    for (int64_t m = 0; m < M; m++) {
+      TORCH_CHECK(sp[m] >= 0 && sp[m] < n_slots, "slot out of range");
+      const float *c = cf.data_ptr<float>() + m * D, *s = sf.data_ptr<float>() + m * D;
+      for (int64_t i = 0; i < qd; i++) q[m * qd + i] = rnd(q[m * qd + i], true);
+      for (int64_t i = 0; i < kvd; i++) k[m * kvd + i] = rnd(k[m * kvd + i], true);
+      for (int64_t hh = 0; hh < heads; hh++)
+        norm_rope_head(q + m * qd + hh * D, D, opt_ptr(L.q_norm), p.qk_eps, c, s, y.data(), q + m * qd + hh * D);
+      for (int64_t hh = 0; hh < kvh; hh++) {
+        norm_rope_head(k + m * kvd + hh * D, D, opt_ptr(L.k_norm), p.qk_eps, c, s, y.data(), k + m * kvd + hh * D);
+      }
+      uint16_t* kdst = kc + sp[m] * kvd;
+      uint16_t* vdst = vc + sp[m] * kvd;
+      for (int64_t i = 0; i < kvd; i++) {
+        kdst[i] = to_bf16(k[m * kvd + i]);
+        vdst[i] = to_bf16(v[m * kvd + i]);
+      }
+    }
+    paged_decode_impl(q, const_cast<const uint16_t*>(kc), const_cast<const uint16_t*>(vc), tables.data_ptr<int32_t>(),
+                      lp, att, M, heads, kvh, D, bs, tables.size(1), p.scale);
+    for (int64_t i = 0; i < M * qd; i++) att[i] = rnd(att[i], true);
+    // o_proj + residual: h = bf16(h + bf16(att @ wo.T + bo))
+    const float* bo = opt_ptr(L.bo);
+    auto residual = [&](const float* out, int64_t n0, int64_t n1) {
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) h[m * H + n] = rnd(h[m * H + n] + rnd(out[m * H + n], true), true);
+    };
+    float* o = xn;  // xn is free again: the o_proj output
+    if (big) {
+      gemm_bf16(att, M, qd, L.wo, H, o, bo);
+      residual(o, 0, H);
+    } else {
+      run_parts(o_parts, [&](const Part& part) {
+        gemm_part(att, M, qd, L.wo, part.n0, part.n1, o, H, bo);
+        residual(o, part.n0, part.n1);
+      });
+    }
+    // MLP block: gate/up with SwiGLU per part, then down + residual
+    norm_rows(h, M, H, L.post_norm.data(), p.eps, xn);
+    auto swiglu = [&](int64_t i0, int64_t i1) {
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t i = i0; i < i1; i++) {
+          const float gv = rnd(gate[m * I + i], true);
+          gate[m * I + i] = rnd(rnd(gv / (1.f + std::exp(-gv)), true) * rnd(up[m * I + i], true), true);
+        }
+    };
+    if (big) {
+      gemm_bf16(xn, M, H, L.wg, I, gate);
+      gemm_bf16(xn, M, H, L.wu, I, up);
+      swiglu(0, I);
+    } else {
+      run_parts(mlp_parts, [&](const Part& part) {
+        gemm_part(xn, M, H, L.wg, part.n0, part.n1, gate, I, nullptr);
+        gemm_part(xn, M, H, L.wu, part.n0, part.n1, up, I, nullptr);
+        swiglu(part.n0, part.n1);
+      });
+    }
+    float* dn = xn;
+    if (big) {
+      gemm_bf16(gate, M, I, L.wd, H, dn);
+      residual(dn, 0, H);
+    } else {
+      run_parts(down_parts, [&](const Part& part) {
+        gemm_part(gate, M, I, L.wd, part.n0, part.n1, dn, H, nullptr);
+        residual(dn, part.n0, part.n1);
+      });
+    }
+  }
+  norm_rows(h, M, H, p.final_norm.data(), p.eps, xn);
+  auto logits = torch::empty({M, V}, torch::kBFloat16);
+  uint16_t* lg = reinterpret_cast<uint16_t*>(logits.data_ptr<at::BFloat16>());
+  if (big) {
+    gemm_bf16(xn, M, H, p.lm_head, V, lg);
+  } else {
+    run_parts(split_parts({{V, H}}), [&](const Part& part) { gemm_part(xn, M, H, p.lm_head, part.n0, part.n1, lg, V, nullptr); });
+  }
+  return logits;
+}
+
+// Row-wise argmax of bf16 logits [M, V] as torch.argmax: the first maximum, a NaN counting as the maximum.
+torch::Tensor argmax_bf16(torch::Tensor logits) {
+  TORCH_CHECK(logits.scalar_type() == at::kBFloat16 && logits.dim() == 2, "argmax_bf16: bf16 [M, V]");
+  auto x = logits.contiguous();
+  const int64_t M = x.size(0), V = x.size(1);
+  TORCH_CHECK(V > 0, "argmax_bf16: empty rows");
+  auto out = torch::empty({M}, torch::kLong);
+  const uint16_t* base = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; m++) {
+    const uint16_t* row = base + m * V;
+    // pass 1: the maximum (8 lanes), and whether there is a NaN
+    __m256 best = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= V; i += 8) {
+      const __m256 v = load8(row + i);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      best = _mm256_max_ps(best, v);
+    }
+    float top = -INFINITY;
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, best);
+    for (float l : lanes) top = std::max(top, l);
+    bool has_nan = _mm256_movemask_ps(nan) != 0;
+    for (int64_t j = i; j < V; j++) {
+      const float f = to_f(row[j]);
+      if (std::isnan(f)) has_nan = true;
+      else top = std::max(top, f);
+    }
+    // pass 2: the first index holding it
+    int64_t index = 0;
+    for (int64_t j = 0; j < V; j++) {
+      const float f = to_f(row[j]);
+      if (has_nan ? std::isnan(f) : f == top) { index = j; break; }
+    }
+    out.data_ptr<int64_t>()[m] = index;
+  }
+  return out;
+}
 """
 
 _FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",
               "pool_run_address"]
+_FUNCTIONS += ["decode_plan_create", "decode_plan_run", "decode_plan_free", "argmax_bf16"]  # fused_decode.py
 _module = None
 _failed = False
 

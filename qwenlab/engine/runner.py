@@ -11,9 +11,13 @@ extra block is scratch space that padded rows of a captured CUDA graph write int
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .attention import AttentionMetadata, PagedAttention
+from .fused_decode import MAX_ROWS as MAX_FUSED_ROWS
+from .fused_decode import FusedDecode
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -39,6 +43,9 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
                           for _ in range(self.config.num_hidden_layers)]
         self.scratch_block = num_blocks
+        self.fused = None  # CPU bf16 decode steps in one kernel call (fused_decode.py); None = module route
+        if kernels is not None and self.device.type == "cpu" and os.environ.get("QWENLAB_FUSED_DECODE", "1") != "0":
+            self.fused = FusedDecode.build(kernels, model, self.kv_caches)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
@@ -101,6 +108,9 @@ class ModelRunner:
             if logits is not None:
                 return logits, list(batch.seqs)
         ids, pos, meta, logits_indices, sample_seqs = self.prepare(batch)
+        if (self.fused is not None and not meta.prefill_rows and len(sample_seqs) == len(batch.seqs)
+                and len(sample_seqs) <= MAX_FUSED_ROWS):
+            return self.fused.run(ids, pos, meta), sample_seqs
         if not sample_seqs:
             self.model.forward_hidden(ids, pos, PagedAttention(self.kv_caches, meta, self.block_size, self.kernels))
             return None, []

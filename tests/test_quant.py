@@ -309,6 +309,24 @@ def test_corrupt_quantized_checkpoints(tmp_path, family_checkpoints):
         load_model(out)
 
 
+def test_every_model_loading_command_takes_quantization():
+    """demo, chat, generate, serve and eval perplexity all accept --quantization int8|int4."""
+    from qwenlab.cli import _load_command_modules, build_parser
+
+    _load_command_modules()
+    parser = build_parser()
+    for command in (["demo"], ["chat"], ["generate", "--prompt", "x"], ["serve"],
+                    ["eval", "perplexity", "--model", "m", "--data", "d"]):
+        for method in ("int8", "int4"):
+            assert parser.parse_args([*command, "--quantization", method]).quantization == method, command
+
+
+def test_demo_runs_quantized():
+    proc = run_cli("demo", "--quantization", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert "int8 weights" in proc.stdout and "3. tool call" in proc.stdout
+
+
 def test_quantization_flag_on_commands(tmp_path):
     directory = qwenlab_checkpoint(tmp_path / "src", preset="qwen3-0.6b")
     data = tmp_path / "data.txt"

@@ -30,6 +30,8 @@ def fake_weather(city: str) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization applied on load (docs/quantization.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model or str(default_model_dir())
     started = time.perf_counter()
-    llm = LLM(model, dtype=args.dtype)
+    llm = LLM(model, dtype=args.dtype, quantization=args.quantization)
     size = f", {llm.engine.model_config.param_counts()['total'] / 1e6:.1f}M parameters"
+    if args.quantization:
+        size += f", {args.quantization} weights"
     print(f"{BOLD}qwenlab demo{RESET}: {model}{size}, loaded in {time.perf_counter() - started:.1f}s\n")
     greedy = SamplingParams(temperature=0.0, max_tokens=400)
 

@@ -435,3 +435,29 @@ def test_decode_plan_agrees_with_the_module_route(tmp_path, monkeypatch, dtype, 
     llm, stock = run()
     assert type(llm.engine.model) is not QuantPlanModel
     assert fused == stock
+
+
+# ---- other devices (CUDA): the dispatch and the stock-op path, checked on CPU -------------------------------------
+def test_device_route_dispatch_and_numerics(monkeypatch):
+    """Non-CPU tensors take the stock-op path (dequantization folded into one matmul); the path itself
+    runs here on CPU tensors against the dequantized reference. No GPU was available to run it on CUDA."""
+    from qwenlab import quant
+
+    assert quant.linear_route(torch.randn(1, 64)) == "kernel"
+    assert quant.linear_route(torch.randn(40, 64)) == "blockwise"
+    assert quant.linear_route(torch.randn(1, 64, device="meta")) == "device"
+    torch.manual_seed(0)
+    w, x, bias = torch.randn(48, 128) * 0.05, torch.randn(3, 128), torch.randn(48)
+    for method, parts in (("int8", quantize_int8(w)), ("int4", quantize_int4(w, 64))):
+        ref = x @ dequantize(method, *parts).t() + bias
+        mins = parts[2] if method == "int4" else None
+        out = quant._device_linear(x, method, parts[0], parts[1], bias, mins)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        out16 = quant._device_linear(x.bfloat16(), method, parts[0], parts[1], bias.bfloat16(), mins)
+        assert out16.dtype == torch.bfloat16 and rel_error(out16, ref) < 0.02
+        # quant_linear sends a device tensor there (meta: shapes only, like a CUDA tensor without a GPU)
+        calls = []
+        monkeypatch.setattr(quant, "_device_linear", lambda *a: calls.append(a) or a[0].new_empty(3, 48))
+        quant.quant_linear(x.to("meta"), method, parts[0], parts[1], 64, None, mins)
+        assert len(calls) == 1
+        monkeypatch.undo()

@@ -170,11 +170,36 @@ def _kernels(device: torch.device):
 def quant_linear(x: torch.Tensor, method: str, q: torch.Tensor, scales: torch.Tensor, group_size: int = 0,
                  bias: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ dequant(W).T (+ bias) in x's dtype (``mins``: int4 only)."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    module = _kernels(x.device) if x.dtype in (torch.float32, torch.bfloat16) else None
-    if module is not None and 0 < rows <= PREFILL_ROWS:
-        return module.linear(x, [q, scales] if method == "int8" else [q, scales, mins], bias)
+    route = linear_route(x)
+    if route == "kernel":
+        return _kernels(x.device).linear(x, [q, scales] if method == "int8" else [q, scales, mins], bias)
+    if route == "device":
+        return _device_linear(x, method, q, scales, bias, mins)
     return _blockwise_linear(x, method, q, scales, bias, mins)
+
+
+def linear_route(x: torch.Tensor) -> str:
+    """Which path ``quant_linear`` takes for x: "kernel" (CPU AVX2 kernels, up to PREFILL_ROWS rows),
+    "blockwise" (CPU otherwise: dequantized blocks + float32 sgemm) or "device" (CUDA and other devices)."""
+    if x.device.type != "cpu":
+        return "device"
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= PREFILL_ROWS and x.dtype in (torch.float32, torch.bfloat16) and _kernels(x.device) is not None:
+        return "kernel"
+    return "blockwise"
+
+
+def _device_linear(x, method, q, scales, bias=None, mins=None):
+    """CUDA (any non-CPU device): the dequantization folded into the matmul with stock torch ops, in x's
+    dtype. int8: the per-channel scale applies after the product, (x @ q.T) * scale, so only a dtype cast
+    of q is materialised; int4: the codes are unpacked and scaled (w = scale * code + min) into x's dtype,
+    then one GEMM. Written for CUDA but only ever run on CPU here (tests/test_quant.py): no GPU was
+    available to measure it."""
+    if method == "int8":
+        y = F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
+    else:
+        y = F.linear(x, dequantize_int4(q, scales, mins, x.dtype))
+    return y if bias is None else y + bias.to(x.dtype)
 
 
 def _blockwise_linear(x, method, q, scales, bias, mins=None):

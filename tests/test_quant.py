@@ -2,7 +2,7 @@
 greedy agreement through the engine, exact save/load round trip, the CLI, and clear errors.
 
 Documented tolerances (docs/quantization.md), relative L2 error of the logits against the unquantized
-float32 model on random checkpoints: int8 < 3%, int4 (group 32) < 35% (tiny random models: hidden 64,
+float32 model on random checkpoints: int8 < 3%, int4 (group 32) < 25% (tiny random models: hidden 64,
 where every weight is noise; real checkpoints fare better, see the benchmark's drift column).
 """
 
@@ -20,7 +20,7 @@ from qwenlab.quant import (QuantEmbedding, QuantExperts, QuantLinear, dequantize
                            quant_linear, quantize_int4, quantize_int8, quantize_model, save_quantized, unpack_int4)
 from qwenlab.quant import _blockwise_linear, _int4_search_torch
 
-INT8_REL, INT4_REL = 0.03, 0.35
+INT8_REL, INT4_REL = 0.03, 0.25
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

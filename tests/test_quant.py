@@ -410,7 +410,8 @@ def test_symmetric_int4_checkpoints_from_before_the_mins_still_load(tmp_path, fa
         got = dequantize("int4", state[prefix + "qweight"], state[prefix + "scales"], state[prefix + "mins"])
         assert torch.equal(got, weight), prefix
     ids = torch.randint(0, 384, (1, 6))
-    assert rel_error(loaded(ids), load_model(family_checkpoints["qwen3"], dtype="float32")(ids)) < INT4_REL
+    # the old format's own bound (re-coding the new codes symmetrically adds a second rounding)
+    assert rel_error(loaded(ids), load_model(family_checkpoints["qwen3"], dtype="float32")(ids)) < 0.35
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -92,8 +92,16 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, grad_logits = ctx.saved_tensors
         grad = grad.to(grad_logits.dtype)
-        grad_hidden = torch.mm(grad_logits, weight).mul_(grad) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.mm(grad_logits.t(), hidden).mul_(grad) if ctx.needs_input_grad[1] else None
+        if grad_logits.device.type == "cpu":  # the scalar goes into the GEMM's alpha: no pass over [V, H]
+            alpha, zero = float(grad), grad_logits.new_zeros(())
+
+            def scaled_mm(a, b):
+                return torch.addmm(zero, a, b, beta=0, alpha=alpha)
+        else:
+            def scaled_mm(a, b):
+                return torch.mm(a, b).mul_(grad)
+        grad_hidden = scaled_mm(grad_logits, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = scaled_mm(grad_logits.t(), hidden) if ctx.needs_input_grad[1] else None
         if ctx.workspace is not None:
             ctx.workspace = None
             _WORKSPACE.give_back()

@@ -78,27 +78,28 @@ class _ExpertsFFN(torch.autograd.Function):
     in one Function with a hand-written backward (grouped matmuls over the contiguous per-expert slices of
     the sorted slots, or a loop of matmuls where torch has no grouped_mm). The routing weight scales the
     [slots, I] activation before the down projection (then its gradient is a dot over I); the backward
-    recomputes silu(gate) * up from the saved gate/up projections and uses the fused silu_backward kernel.
+    recomputes silu(gate) * up from the saved projections and silu(gate), and uses the fused silu_backward
+    kernel.
     Same math as the composition; measured ~10-15% less time per MoE layer than autograd through it."""
 
     @staticmethod
     def forward(ctx, x, slot_weights, gate_up, down, token_of_slot, counts, offsets):
         inter = down.shape[2]
-        xs = x.index_select(0, token_of_slot)
+        xs = F.embedding(token_of_slot, x)  # a row gather; measured 2x faster than index_select here
         gu = _grouped(xs, gate_up.transpose(1, 2), counts, offsets)
-        act = F.silu(gu[:, :inter]).mul_(gu[:, inter:]).mul_(slot_weights[:, None])
-        ys = _grouped(act, down.transpose(1, 2), counts, offsets)
-        ctx.save_for_backward(xs, gu, slot_weights, gate_up, down, token_of_slot, offsets)
+        silu_gate = F.silu(gu[:, :inter])
+        act = silu_gate * gu[:, inter:]
+        ys = _grouped(act.mul_(slot_weights[:, None]), down.transpose(1, 2), counts, offsets)
+        ctx.save_for_backward(xs, gu, silu_gate, slot_weights, gate_up, down, token_of_slot, offsets)
         ctx.counts = counts
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, gu, slot_weights, gate_up, down, token_of_slot, offsets = ctx.saved_tensors
+        xs, gu, silu_gate, slot_weights, gate_up, down, token_of_slot, offsets = ctx.saved_tensors
         counts, inter = ctx.counts, down.shape[2]
         gate, up = gu[:, :inter], gu[:, inter:]
-        gys = grad_out.contiguous().index_select(0, token_of_slot)
-        silu_gate = F.silu(gate)
+        gys = F.embedding(token_of_slot, grad_out.contiguous())
         act = silu_gate * up  # before the routing weight
         grad_down = _grouped_weight_grad(gys, act * slot_weights[:, None], counts, offsets) \
             if ctx.needs_input_grad[3] else None

@@ -150,6 +150,24 @@ def _grad_norm(model, max_norm: float) -> float:
     return float(total)
 
 
+def _clip_into_optimizer(model, optimizer, max_norm: float, info: D.DistInfo) -> float | None:
+    """Gradient clipping folded into the fused AdamW kernel (one process): the norm is computed as
+    clip_grad_norm_ does, and instead of a pass multiplying every gradient by the clip coefficient, the
+    optimizer divides them by its inverse on the fly (the ``grad_scale`` input that GradScaler uses). Returns
+    the norm, or None where this does not apply (the caller then clips the usual way)."""
+    if info.enabled or not optimizer.defaults.get("fused") or hasattr(optimizer, "grad_scale"):
+        return None
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if max_norm > 0:
+        coef = max_norm / (norm + 1e-6)
+        if float(coef) < 1.0:
+            optimizer.grad_scale = (1.0 / coef).to(torch.float32)
+    return float(norm)
+
+
 class StepLoss:
     """The loss of one optimizer step, one micro-batch at a time (see losses.py for the normalisation)."""
 
@@ -212,8 +230,11 @@ def training_step(model, optimizer, rows: Rows, moe, grad_clip: float, micro: in
         with autocast():
             loss = step_loss.micro_batch(model, rows.slice(first, first + micro))
         (loss * W).backward()  # FSDP2 averages gradients over the data-parallel ranks
-    grad_norm = _grad_norm(model, grad_clip)
+    grad_norm = _clip_into_optimizer(model, optimizer, grad_clip, info)
+    if grad_norm is None:
+        grad_norm = _grad_norm(model, grad_clip)
     optimizer.step()
+    optimizer.__dict__.pop("grad_scale", None)
     optimizer.zero_grad(set_to_none=True)
     return {**step_loss.finish(), "grad_norm": round(grad_norm, 6)}
 

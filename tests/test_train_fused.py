@@ -1,0 +1,113 @@
+"""The training-only fused operations (hand-written backward) give the values and gradients of the plain
+composition they replace, in float32: LM head + cross-entropy, RMSNorm, RoPE, the MoE expert block (idle
+experts included, with and without grouped_mm), and clipping folded into the fused AdamW."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenlab.model import fused, moe
+from qwenlab.model.layers import rotate_half
+
+
+def _grads(fn, inputs, grad_out=None):
+    for t in inputs:
+        t.grad = None
+    out = fn()
+    out.backward(grad_out if grad_out is not None else None)
+    return out.detach().clone(), [t.grad.clone() for t in inputs]
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
+    for x, y in zip(a[1], b[1], strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+def test_linear_cross_entropy_matches_the_composition():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(70, 24, generator=g).requires_grad_()
+    w = (torch.randn(300, 24, generator=g) * 0.3).requires_grad_()
+    t = torch.randint(0, 300, (70,), generator=g)
+    plain = _grads(lambda: F.cross_entropy(F.linear(h, w), t, reduction="sum") * 0.37, [h, w])
+    for _ in range(2):  # the second call reuses the logits buffer
+        ours = _grads(lambda: fused.linear_cross_entropy_sum(h, w, t) * 0.37, [h, w])
+        _close(plain, ours)
+    assert not fused._WORKSPACE.busy
+    with torch.no_grad():  # no gradient: the plain path
+        assert torch.allclose(fused.linear_cross_entropy_sum(h, w, t), plain[0] / 0.37)
+
+
+def test_rms_norm_and_rope_match_the_composition():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 3, 16, generator=g).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(16, generator=g)).requires_grad_()
+    grad = torch.randn(2, 5, 3, 16, generator=g)
+
+    def plain_norm():
+        x32 = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        return weight * x32
+
+    _close(_grads(plain_norm, [x, weight], grad), _grads(lambda: fused.rms_norm(x, weight, 1e-6), [x, weight], grad))
+    q = torch.randn(2, 5, 3, 16, generator=g).transpose(1, 2).requires_grad_()  # [B, heads, S, hd], strided
+    angles = torch.randn(2, 5, 8, generator=g)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    grad = torch.randn(2, 3, 5, 16, generator=g)
+
+    def plain_rope():
+        return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+
+    _close(_grads(plain_rope, [q], grad), _grads(lambda: fused.apply_rope(q, cos, sin), [q], grad))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_moe_training_function_matches_the_composition(monkeypatch, grouped):
+    g = torch.Generator().manual_seed(2)
+    experts = moe.Experts(8, 32, 16)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(8, 32, 32, generator=g) * 0.2)
+        experts.down_proj.copy_(torch.randn(8, 32, 16, generator=g) * 0.2)
+    x = torch.randn(40, 32, generator=g).requires_grad_()
+    logits = torch.randn(40, 8, generator=g)
+    logits[:, 3] = logits[:, 6] = -1e9  # two experts receive no token
+    logits.requires_grad_()
+    grad = torch.randn(40, 32, generator=g)
+    params = [x, logits, experts.gate_up_proj, experts.down_proj]
+
+    def run():
+        weights, ids = torch.softmax(logits, -1).topk(2, -1)
+        return experts(x, ids, weights / weights.sum(-1, keepdim=True))
+
+    if not grouped:
+        monkeypatch.setattr(moe, "_grouped_mm", None)
+    ours = _grads(run, params, grad)
+    monkeypatch.setattr(fused, "wants_fused", lambda *t: False)
+    plain = _grads(run, params, grad)
+    _close(plain, ours)
+    assert float(ours[1][2][3].abs().max()) == 0.0 and float(ours[1][3][6].abs().max()) == 0.0
+
+
+def test_clipping_folded_into_fused_adamw(monkeypatch):
+    from qwenlab.train import distributed as D
+    from qwenlab.train.recipes import OptimConfig
+    from qwenlab.train.trainer import _clip_into_optimizer, _grad_norm, build_optimizer
+
+    def model_and_optimizer():
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 10
+        return model, build_optimizer(model, OptimConfig(lr=1e-2, fused=True))
+
+    a, opt_a = model_and_optimizer()
+    norm_a = _grad_norm(a, 1.0)
+    opt_a.step()
+    b, opt_b = model_and_optimizer()
+    norm_b = _clip_into_optimizer(b, opt_b, 1.0, D.DistInfo())
+    assert norm_b is not None and abs(norm_a - norm_b) < 1e-4 * norm_a and norm_a > 1.0  # it clips
+    assert hasattr(opt_b, "grad_scale")
+    opt_b.step()
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)

@@ -80,6 +80,8 @@ inline uint16_t f_to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 inline float rnd(float v, bool bf16) { return bf16 ? bf16_to_f(f_to_bf16(v)) : v; }
+// float16 -> float with the F16C instruction (at::Half's conversion is a software routine).
+inline float half_f(const at::Half& h) { return _cvtsh_ss(h.x); }
 
 // ---- activations as int16 blocks: x[m, k] ~= xs[m, b] * xi[m, k] (b = k / B), |xi| <= 32767 ----
 // The weight-only product runs on the integer multiply-add units (vpmaddwd: 16 products per instruction);
@@ -222,7 +224,7 @@ inline void dot_i4(const XQ& x, int64_t m0, const QW& w, int64_t n, float* out) 
     __m256i s[MT];
     for (int i = 0; i < MT; i++) s[i] = _mm256_setzero_si256();
     for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + 512, _MM_HINT_T0);
+      if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + 512, _MM_HINT_T0);  // per line
       const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
       const __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_srli_epi16(v, 4);
       for (int i = 0; i < MT; i++) {
@@ -231,7 +233,7 @@ inline void dot_i4(const XQ& x, int64_t m0, const QW& w, int64_t n, float* out) 
         s[i] = _mm256_add_epi32(s[i], _mm256_add_epi32(p0, p1));
       }
     }
-    const float scale = float(sc[g]), minv = float(mn[g]);
+    const float scale = half_f(sc[g]), minv = half_f(mn[g]);
     for (int i = 0; i < MT; i++) {
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_set1_ps(scale * xs[i][g]), acc[i]);
       corr[i] += minv * xsum[i][g];

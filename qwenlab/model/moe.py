@@ -77,9 +77,8 @@ class _ExpertsFFN(torch.autograd.Function):
     """Training on CPU: gather the token slots by expert, SwiGLU experts, routing weights, scatter back, all
     in one Function with a hand-written backward (grouped matmuls over the contiguous per-expert slices of
     the sorted slots, or a loop of matmuls where torch has no grouped_mm). The routing weight scales the
-    [slots, I] activation before the down projection (then its gradient is a dot over I); the backward
-    recomputes silu(gate) * up from the saved projections and silu(gate), and uses the fused silu_backward
-    kernel.
+    [slots, I] activation before the down projection (then its gradient is a dot over I); the [slots, I]
+    intermediates are kept for the backward (nothing recomputed), which uses the fused silu_backward kernel.
     Same math as the composition; measured ~10-15% less time per MoE layer than autograd through it."""
 
     @staticmethod
@@ -89,20 +88,19 @@ class _ExpertsFFN(torch.autograd.Function):
         gu = _grouped(xs, gate_up.transpose(1, 2), counts, offsets)
         silu_gate = F.silu(gu[:, :inter])
         act = silu_gate * gu[:, inter:]
-        ys = _grouped(act.mul_(slot_weights[:, None]), down.transpose(1, 2), counts, offsets)
-        ctx.save_for_backward(xs, gu, silu_gate, slot_weights, gate_up, down, token_of_slot, offsets)
+        weighted = act * slot_weights[:, None]
+        ys = _grouped(weighted, down.transpose(1, 2), counts, offsets)
+        ctx.save_for_backward(xs, gu, silu_gate, act, weighted, slot_weights, gate_up, down, token_of_slot, offsets)
         ctx.counts = counts
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, gu, silu_gate, slot_weights, gate_up, down, token_of_slot, offsets = ctx.saved_tensors
+        xs, gu, silu_gate, act, weighted, slot_weights, gate_up, down, token_of_slot, offsets = ctx.saved_tensors
         counts, inter = ctx.counts, down.shape[2]
         gate, up = gu[:, :inter], gu[:, inter:]
         gys = F.embedding(token_of_slot, grad_out.contiguous())
-        act = silu_gate * up  # before the routing weight
-        grad_down = _grouped_weight_grad(gys, act * slot_weights[:, None], counts, offsets) \
-            if ctx.needs_input_grad[3] else None
+        grad_down = _grouped_weight_grad(gys, weighted, counts, offsets) if ctx.needs_input_grad[3] else None
         grad_act = _grouped(gys, down, counts, offsets)
         grad_weights = torch.linalg.vecdot(grad_act, act, dim=-1) if ctx.needs_input_grad[1] else None
         grad_act.mul_(slot_weights[:, None])
@@ -175,7 +173,7 @@ class Experts(nn.Module):
         counts = counts_t.tolist()
         offsets = counts_t.cumsum(0).to(torch.int32)
         if x.device.type == "cpu" and fused.wants_fused(x, weights, self.gate_up_proj, self.down_proj):
-            slot_weights = weights.reshape(-1)[order]
+            slot_weights = weights.reshape(-1).index_select(0, order)
             return _ExpertsFFN.apply(x, slot_weights, self.gate_up_proj, self.down_proj, token_of_slot, counts, offsets)
         xs = x[token_of_slot]
         gate, up = expert_matmul(xs, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)

@@ -82,7 +82,8 @@ class QwenForCausalLM(nn.Module):
         """
         hidden, router_logits = self.forward_hidden(input_ids, positions, context, output_router_logits)
         if logits_indices is not None:
-            hidden = hidden.reshape(-1, hidden.shape[-1])[logits_indices]
+            # index_select: its backward is an index_add (indexing's is a slower accumulating index_put)
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logits_indices)
         if loss_targets is not None:
             return self._forward_loss(hidden, loss_targets, router_logits, output_router_logits)
         logits = self.lm_head(hidden)

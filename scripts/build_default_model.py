@@ -13,7 +13,8 @@ Steps (outputs under build/default unless --work says otherwise):
                template, with the record's enable_thinking) is context, the turn itself is the target, so
                the model learns exactly what it sees at inference (Qwen3's template drops earlier turns'
                reasoning and, with thinking off, puts an empty <think></think> in the prompt)
-5. train       `qwenlab train recipes/default.toml` (3 short pretraining stages, then SFT)
+5. train       `qwenlab train recipes/default.toml` (3 short pretraining stages, then two SFT stages, the
+               second with the copying corpus of scripts/make_copy_corpus.py mixed in)
 6. export      the final stage in bfloat16 plus the tokenizer files -> qwenlab/assets/default
 """
 
@@ -144,19 +145,21 @@ def main(argv=None) -> int:
     if not (tok / "generation_config.json").is_file():
         run([python, "scripts/train_tokenizer.py", "--corpora", str(corpora), "--sft", str(sft / "train.jsonl"),
              "--vocab-size", "8192", "--out", str(tok)])
-    for corpus in ("prose-train", "code-train"):
+    if not (corpora / "copy-train.jsonl").is_file():
+        run([python, "scripts/make_copy_corpus.py", "--docs", "20000", "--out", str(corpora / "copy-train.jsonl")])
+    for corpus in ("prose-train", "code-train", "copy-train"):
         if not (work / "prepared" / corpus / "meta.json").is_file():
             run([str(Path(python).with_name("qwenlab")), "data", "prepare", str(corpora / f"{corpus}.jsonl"),
                  "--out", str(work / "prepared" / corpus), "--tokenizer", str(tok), "--format", "jsonl"])
     for split in ("train", "heldout"):
         if not (sft / f"prepared-{split}" / "meta.json").is_file():
             prepare_sft(sft / f"{split}.jsonl", tok, sft / f"prepared-{split}")
-    final = sorted((ROOT / args.run / "stages").glob("*-sft"))
-    if not final or args.resume:
+    final = sorted((ROOT / args.run / "stages").glob("*-sft*"))
+    if len(final) < 2 or args.resume:
         cmd = [str(Path(python).with_name("qwenlab")), "train", args.recipe]
         cmd += (["--resume"] if args.resume else []) + [f"--set={s}" for s in args.set]
         run(cmd)
-        final = sorted((ROOT / args.run / "stages").glob("*-sft"))
+        final = sorted((ROOT / args.run / "stages").glob("*-sft*"))
     export(final[-1], tok, ROOT / args.out)
     return 0
 

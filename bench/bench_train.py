@@ -17,7 +17,8 @@ row is prompt, with no loss: qwenlab computes the LM head only where there is a 
 every position). The two alternate step by step; each figure is the median over ``--repeats`` steps after
 ``--warmup``,
 in wall time and in CPU time of the process (all threads): on a machine shared with other jobs the CPU
-time is the steadier of the two.
+time is the steadier of the two. Minor page faults per step are reported too (fresh large temporaries are
+page-faulted in by the kernel on every step, which shows up as system time).
 The first step's losses are printed side by side (they must agree: same weights, same batch). MFU uses
 qwenlab's FLOP count (6 x active matmul parameters + attention, every token, as MFU conventionally
 does) and, on CPU, the best fp32 matmul rate measured at several points of the run as the peak (``--peak-tflops`` to override); tokens/s ratios are what the goals are about.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -110,13 +112,16 @@ def bench_model(name: str, preset_name: str, overrides: dict, workload: str, arg
     first = (ours_step(), hf_step())
     times = {"qwenlab": [], "transformers": []}
     cpu = {"qwenlab": [], "transformers": []}
+    faults = {"qwenlab": [], "transformers": []}
     for i in range(args.warmup + args.repeats):
         for label, fn in (("qwenlab", ours_step), ("transformers", hf_step))[:: 1 if i % 2 == 0 else -1]:
             start, start_cpu = time.perf_counter(), time.process_time()
+            start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             fn()
             if i >= args.warmup:
                 times[label].append(time.perf_counter() - start)
                 cpu[label].append(time.process_time() - start_cpu)
+                faults[label].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
     tokens = args.batch * args.seq_len
     fpt = flops_per_token(config, args.seq_len)
     result = {"model": name, "workload": workload, "flops_per_token": fpt, "params_total": config.param_counts()["total"],
@@ -125,6 +130,7 @@ def bench_model(name: str, preset_name: str, overrides: dict, workload: str, arg
     for label, values in times.items():
         median = statistics.median(values)
         result[label] = {"median_step_s": median, "median_step_cpu_s": statistics.median(cpu[label]),
+                         "median_minor_page_faults": statistics.median(faults[label]),
                          "tokens_per_s": tokens / median,
                          "steps_s": values, "steps_cpu_s": cpu[label]}
     result["speedup"] = result["transformers"]["median_step_s"] / result["qwenlab"]["median_step_s"]
@@ -180,6 +186,11 @@ def main() -> None:
         print(f"| {r['workload']} | {r['model']} | {r['qwenlab']['tokens_per_s']:,.0f} | "
               f"{r['transformers']['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | {r['speedup_cpu_time']:.2f}x | "
               f"{r['qwenlab']['mfu']:.1%} | {r['transformers']['mfu']:.1%} |")
+    print("\nmedian CPU seconds and minor page faults per step (qwenlab / transformers):")
+    for r in results:
+        print(f"  {r['workload']} {r['model']}: {r['qwenlab']['median_step_cpu_s']:.3f} s / "
+              f"{r['transformers']['median_step_cpu_s']:.3f} s; {r['qwenlab']['median_minor_page_faults']:,.0f} / "
+              f"{r['transformers']['median_minor_page_faults']:,.0f} faults")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "results": results},

@@ -49,6 +49,7 @@ namespace {
 // ---- threads: the engine's work pool when it is loaded (one pool per process), else ATen's ----
 using PoolRun = void (*)(int64_t, void (*)(void*, int64_t), void*);
 PoolRun pool_run = nullptr;
+int64_t prefetch_bytes = 1024;  // how far ahead of the weight stream to prefetch (tuning hook)
 
 template <typename F>
 void tramp(void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); }
@@ -181,7 +182,7 @@ inline void dot_i8(const XQ& x, int64_t m0, const QW& w, int64_t n, float* out) 
   const int64_t full = K / 64;
   for (int64_t b = 0; b < full; b++) {
     const int8_t* wp = row + b * 64;
-    _mm_prefetch(reinterpret_cast<const char*>(wp) + 640, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wp) + prefetch_bytes, _MM_HINT_T0);
     __m256i s[MT];
     for (int i = 0; i < MT; i++) s[i] = _mm256_setzero_si256();
     for (int c = 0; c < 4; c++) {
@@ -224,7 +225,7 @@ inline void dot_i4(const XQ& x, int64_t m0, const QW& w, int64_t n, float* out) 
     __m256i s[MT];
     for (int i = 0; i < MT; i++) s[i] = _mm256_setzero_si256();
     for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-      if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + 512, _MM_HINT_T0);  // per line
+      if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + prefetch_bytes, _MM_HINT_T0);  // per line
       const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
       const __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_srli_epi16(v, 4);
       for (int i = 0; i < MT; i++) {
@@ -340,6 +341,7 @@ void norm_rope_store(const float* rows, int64_t T, int64_t heads, int64_t D, con
 }  // namespace
 
 void set_pool(int64_t address) { pool_run = reinterpret_cast<PoolRun>(address); }
+void set_prefetch(int64_t bytes) { prefetch_bytes = bytes; }
 
 // y = x @ dequant(w).T (+ bias); x [..., K] float or bf16, few rows (decode); y in x's dtype.
 torch::Tensor linear(torch::Tensor x, std::vector<torch::Tensor> weight, c10::optional<torch::Tensor> bias) {
@@ -795,7 +797,7 @@ torch::Tensor plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, torch::
 }
 """
 
-_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "int4_search", "plan_create", "plan_run",
+_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "set_prefetch", "int4_search", "plan_create", "plan_run",
               "plan_free"]
 _module = None
 _failed = False

@@ -115,7 +115,7 @@ class _ExpertsFFN(torch.autograd.Function):
 
 def _grouped(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
     """Row slices of ``x`` (sizes ``counts``) times ``weight[e]`` ([in, out] per expert, any strides)."""
-    if _grouped_mm is not None and x.dtype in (torch.float32, torch.bfloat16):
+    if _grouped_ok(x):
         return _grouped_mm(x, weight, offs=offsets)
     out = x.new_empty(x.shape[0], weight.shape[2])
     for e, rows in _expert_rows(counts):
@@ -125,7 +125,7 @@ def _grouped(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: 
 
 def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
     """Per-expert grad.T @ x over each expert's row slice: [E, grad cols, x cols] (zeros for idle experts)."""
-    if _grouped_mm is not None and x.dtype in (torch.float32, torch.bfloat16):
+    if _grouped_ok(x):
         return _grouped_mm(grad.t(), x, offs=offsets)
     out = grad.new_empty(len(counts), grad.shape[1], x.shape[1])
     for e, count in enumerate(counts):
@@ -134,6 +134,11 @@ def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: list[int],
     for e, rows in _expert_rows(counts):
         torch.mm(grad[rows].t(), x[rows], out=out[e])
     return out
+
+
+def _grouped_ok(x: torch.Tensor) -> bool:
+    # torch.compile's fake-tensor grouped_mm accepts bfloat16 only: traced code takes the loop
+    return _grouped_mm is not None and x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
 
 
 def _expert_rows(counts: list[int]):

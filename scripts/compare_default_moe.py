@@ -45,7 +45,8 @@ def main() -> None:
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "default.toml"))
     p.add_argument("--steps", type=int, default=150, help="steps per pretraining stage")
     p.add_argument("--work", default=str(ROOT / "runs" / "default-moe-compare"))
-    p.add_argument("--out", default=None, help="JSON results")
+    p.add_argument("--out", default=None, help="JSON results (merged into an existing file)")
+    p.add_argument("--only", choices=("dense", "moe"), default=None, help="run one of the two")
     args = p.parse_args()
     import torch
 
@@ -59,13 +60,19 @@ def main() -> None:
                                      norm_topk_prob=True, decoder_sparse_step=1)
     moe["moe"] = {"balance": "global", "aux_coef": 0.01}
     results = {}
+    if args.out and Path(args.out).is_file():
+        results = json.loads(Path(args.out).read_text())["results"]
     for name, raw in (("dense", base), ("moe", moe)):
+        if args.only not in (None, name):
+            continue
         config: ModelConfig = preset(raw["model"]["preset"], **raw["model"]["overrides"])
         counts = config.param_counts()
         total, active = counts["total"], counts["active"]
         torch.manual_seed(0)
         results[name] = {"parameters": total, "active_parameters": active, **run(raw, name, Path(args.work))}
         print(name, json.dumps(results[name]), flush=True)
+    if len(results) < 2:
+        return
     print(f"\n{'model':6} {'params':>8} {'active':>8} " + " ".join(f"{s:>10}" for s in results["dense"]["held_out_loss"])
           + f" {'seconds':>8} {'tok/s':>7}")
     for name, r in results.items():

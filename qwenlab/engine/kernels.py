@@ -573,6 +573,20 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out.to(q.scalar_type());
 }
 
+// The same paged decode attention for other extensions (qwenlab.quant.kernels' one-call decode step), by
+// address like qwenlab_pool_run: caches bf16 (bf16 != 0) or float32, q and out float [B, H, D].
+extern "C" void qwenlab_paged_decode(const float* q, const void* kc, const void* vc, int32_t bf16,
+                                     const int32_t* tables, const int32_t* lens, float* out, int64_t B, int64_t H,
+                                     int64_t KVH, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
+  if (bf16)
+    paged_decode_impl(q, static_cast<const uint16_t*>(kc), static_cast<const uint16_t*>(vc), tables, lens, out, B, H,
+                      KVH, D, bs, max_blocks, scale);
+  else
+    paged_decode_impl(q, static_cast<const float*>(kc), static_cast<const float*>(vc), tables, lens, out, B, H, KVH,
+                      D, bs, max_blocks, scale);
+}
+int64_t paged_decode_address() { return reinterpret_cast<int64_t>(&qwenlab_paged_decode); }
+
 // ---- fused decoder pieces (bf16 weights; activations float or bf16, rounded as transformers rounds) ----
 namespace {
 
@@ -1120,7 +1134,7 @@ torch::Tensor argmax_bf16(torch::Tensor logits) {
 
 _FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",
-              "pool_run_address"]
+              "pool_run_address", "paged_decode_address"]
 _FUNCTIONS += ["decode_plan_create", "decode_plan_run", "decode_plan_free", "argmax_bf16", "set_decode_tuning"]  # fused_decode.py
 _module = None
 _failed = False

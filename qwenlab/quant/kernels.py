@@ -49,6 +49,12 @@ namespace {
 // ---- threads: the engine's work pool when it is loaded (one pool per process), else ATen's ----
 using PoolRun = void (*)(int64_t, void (*)(void*, int64_t), void*);
 PoolRun pool_run = nullptr;
+// Paged decode attention: the engine's kernel (qwenlab.engine.kernels, qwenlab_paged_decode), set by address
+// at load like the pool; q [M, H, D] float -> out [M, H, D] float over bf16 or float32 caches.
+using PagedDecode = void (*)(const float*, const void*, const void*, int32_t, const int32_t*, const int32_t*, float*,
+                             int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float);
+PagedDecode paged_decode = nullptr;
+
 int64_t prefetch_bytes = 1024;  // how far ahead of the weight stream to prefetch (tuning hook)
 
 template <typename F>
@@ -341,6 +347,7 @@ void norm_rope_store(const float* rows, int64_t T, int64_t heads, int64_t D, con
 }  // namespace
 
 void set_pool(int64_t address) { pool_run = reinterpret_cast<PoolRun>(address); }
+void set_paged_decode(int64_t address) { paged_decode = reinterpret_cast<PagedDecode>(address); }
 void set_prefetch(int64_t bytes) { prefetch_bytes = bytes; }
 
 // y = x @ dequant(w).T (+ bias); x [..., K] float or bf16, few rows (decode); y in x's dtype.
@@ -573,54 +580,6 @@ inline __m256 load8f(const uint16_t* p) {
 inline float tof(float v) { return v; }
 inline float tof(uint16_t v) { return bf16_to_f(v); }
 
-// One query per row over its paged cache: q [M, H, D] float -> out [M, H, D] float.
-template <typename T>
-void paged_attention(const float* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* lens, float* out,
-                     int64_t M, int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
-  const int64_t G = H / KVH;
-  parallel_for(M * KVH, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores, acc(G * D);
-    for (int64_t i = i0; i < i1; i++) {
-      const int64_t b = i / KVH, h = i % KVH, len = lens[b];
-      const int32_t* table = tables + b * max_blocks;
-      scores.resize(G * len);
-      const float* qg = q + (b * H + h * G) * D;
-      for (int64_t t = 0; t < len; t++) {
-        const T* k = kc + ((int64_t(table[t / bs]) * bs + t % bs) * KVH + h) * D;
-        for (int64_t g = 0; g < G; g++) {
-          __m256 s = _mm256_setzero_ps();
-          int64_t d = 0;
-          for (; d + 8 <= D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qg + g * D + d), load8f(k + d), s);
-          float v = hsum(s);
-          for (; d < D; d++) v += qg[g * D + d] * tof(k[d]);
-          scores[g * len + t] = v * scale;
-        }
-      }
-      for (int64_t g = 0; g < G; g++) {
-        float* s = scores.data() + g * len;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < len; t++) mx = std::max(mx, s[t]);
-        float total = 0.f;
-        for (int64_t t = 0; t < len; t++) { s[t] = std::exp(s[t] - mx); total += s[t]; }
-        const float inv = 1.f / total;
-        for (int64_t t = 0; t < len; t++) s[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; t++) {
-        const T* v = vc + ((int64_t(table[t / bs]) * bs + t % bs) * KVH + h) * D;
-        for (int64_t g = 0; g < G; g++) {
-          const __m256 pv = _mm256_set1_ps(scores[g * len + t]);
-          float* a = acc.data() + g * D;
-          int64_t d = 0;
-          for (; d + 8 <= D; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(pv, load8f(v + d), _mm256_loadu_ps(a + d)));
-          for (; d < D; d++) a[d] += scores[g * len + t] * tof(v[d]);
-        }
-      }
-      std::memcpy(out + (b * H + h * G) * D, acc.data(), sizeof(float) * G * D);
-    }
-  });
-}
-
 // Dequantized row r of a quantized embedding into dst (float).
 void embed_row(const QW& w, int64_t r, float* dst) {
   if (w.kind == 8) {
@@ -761,13 +720,9 @@ torch::Tensor plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, torch::
         std::memcpy(L.v_cache.data_ptr<float>() + sp[m] * kvd, v.data() + m * kvd, sizeof(float) * kvd);
       }
     }
-    if (bf16)
-      paged_attention(q.data(), reinterpret_cast<const uint16_t*>(L.k_cache.data_ptr<at::BFloat16>()),
-                      reinterpret_cast<const uint16_t*>(L.v_cache.data_ptr<at::BFloat16>()), tables.data_ptr<int32_t>(), lp,
-                      att.data(), M, heads, kvh, D, bs, tables.size(1), p.scale);
-    else
-      paged_attention(q.data(), L.k_cache.data_ptr<float>(), L.v_cache.data_ptr<float>(), tables.data_ptr<int32_t>(), lp,
-                      att.data(), M, heads, kvh, D, bs, tables.size(1), p.scale);
+    TORCH_CHECK(paged_decode, "quantized decode plan: the engine's paged attention kernel is not loaded");
+    paged_decode(q.data(), L.k_cache.data_ptr(), L.v_cache.data_ptr(), bf16, tables.data_ptr<int32_t>(), lp, att.data(),
+                 M, heads, kvh, D, bs, tables.size(1), p.scale);
     if (bf16) for (auto& a : att) a = rnd(a, true);
     quantize_rows(att.data(), M, qd, L.wo.block(), aq);
     run_jobs({job(L.wo, &aq, L.bo.empty() ? nullptr : L.bo.data(), o.data())});
@@ -797,7 +752,7 @@ torch::Tensor plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, torch::
 }
 """
 
-_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "set_prefetch", "int4_search", "plan_create", "plan_run",
+_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "set_paged_decode", "set_prefetch", "int4_search", "plan_create", "plan_run",
               "plan_free"]
 _module = None
 _failed = False
@@ -825,6 +780,8 @@ def load():
             engine = engine_kernels.load()
             if engine is not None and hasattr(engine, "pool_run_address"):
                 module.set_pool(engine.pool_run_address())  # one pool for the whole decode step
+            if engine is not None:
+                module.set_paged_decode(engine.paged_decode_address())  # the engine's paged attention
             _module = module
         except Exception as exc:  # no compiler, no headers, ...
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -52,15 +52,21 @@ def _compare(single, multi, steps, final):
     return a, b
 
 
-def test_tensor_parallel_two_processes_match_one_process(tmp_path):
-    """Qwen3 (QK-norm) with tensor_parallel = 2: stopped after step 2, resumed from the TP run's checkpoint."""
-    raw = recipe(tmp_path / "single", steps=(5,), seq_len=(32,), global_batch=4, model=TP_MODEL, save_every=2)
-    run(raw)
+def _tp_recipe(raw: dict, tmp_path):
+    """The same recipe with tensor_parallel = 2 and its own run directory (tmp_path / "multi"), as a file."""
     multi = copy.deepcopy(raw)
     multi["run"]["out"] = str(tmp_path / "multi")
     multi["run"]["tensor_parallel"] = 2
     recipe_file = tmp_path / "multi.toml"
     recipe_file.write_text(_toml(multi))
+    return recipe_file
+
+
+def test_tensor_parallel_two_processes_match_one_process(tmp_path):
+    """Qwen3 (QK-norm) with tensor_parallel = 2: stopped after step 2, resumed from the TP run's checkpoint."""
+    raw = recipe(tmp_path / "single", steps=(5,), seq_len=(32,), global_batch=4, model=TP_MODEL, save_every=2)
+    run(raw)
+    recipe_file = _tp_recipe(raw, tmp_path)
     proc = torchrun(recipe_file, "--stop-after", "2")
     assert "2 process(es) (1 data-parallel x 2 tensor-parallel), micro-batch 4, accumulation 1" in proc.stderr
     assert (tmp_path / "multi" / "checkpoints" / "step-00000002").is_dir()
@@ -80,11 +86,7 @@ def test_tensor_parallel_qwen2_with_qkv_bias(tmp_path):
     raw = recipe(tmp_path / "single", steps=(3,), seq_len=(32,), global_batch=4, model=model,
                  preset="qwen2.5-0.5b")
     run(raw)
-    multi = copy.deepcopy(raw)
-    multi["run"]["out"] = str(tmp_path / "multi")
-    multi["run"]["tensor_parallel"] = 2
-    recipe_file = tmp_path / "multi.toml"
-    recipe_file.write_text(_toml(multi))
+    recipe_file = _tp_recipe(raw, tmp_path)
     torchrun(recipe_file)
     a, b = _compare(tmp_path / "single", tmp_path / "multi", 3, "step-00000003")
     assert a.config.has_qkv_bias and float(b.model.layers[0].self_attn.k_proj.bias.detach().abs().max()) > 0

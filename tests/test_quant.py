@@ -260,6 +260,29 @@ def test_tied_head_shares_the_embedding(tmp_path):
     assert loaded.lm_head.qweight.data_ptr() == loaded.model.embed_tokens.qweight.data_ptr()
 
 
+def test_quantized_weights_move_to_huge_pages_keeping_values_and_ties(tmp_path):
+    from qwenlab.engine import huge_pages
+    from qwenlab.quant.fused import move_to_huge_pages
+
+    directory = qwenlab_checkpoint(tmp_path / "tied", preset="qwen3-0.6b")  # tied embeddings
+    model = load_model(directory, dtype="bfloat16", quantization="int4", group_size=32)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    ids = torch.randint(0, 384, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(ids)
+    assert huge_pages.enabled()  # Linux with MADV_HUGEPAGE (this project's machines)
+    moved = move_to_huge_pages(model, min_bytes=1 << 12)
+    assert moved > 0
+    embed = model.model.embed_tokens
+    assert embed.qweight.data_ptr() % huge_pages.HUGE_PAGE == 0  # the first (largest) tensor starts the mapping
+    assert model.lm_head.qweight is embed.qweight and model.lm_head.mins is embed.mins  # still tied
+    assert "model.embed_tokens.qweight" in dict(model.named_buffers())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.inference_mode():
+        assert torch.equal(model(ids), ref)
+
+
 def test_quantize_command_and_generate(tmp_path):
     directory = qwenlab_checkpoint(tmp_path / "src", preset="qwen2.5-0.5b", dtype="bfloat16")
     out = tmp_path / "q4"

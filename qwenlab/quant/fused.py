@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from ..engine import huge_pages
 from ..model.layers import MLP, Attention
 from ..model.qwen import QwenForCausalLM
 from . import PREFILL_ROWS, QuantEmbedding, QuantLinear
@@ -77,9 +78,58 @@ def use_quant_kernels(model: torch.nn.Module) -> int:
             continue
         module.__class__ = kind
         count += 1
+    if count:
+        move_to_huge_pages(model)  # before any plan takes the weights' addresses
     if type(model) is QwenForCausalLM and os.environ.get("QWENLAB_FUSED_DECODE", "1") != "0":
         model.__class__ = QuantPlanModel  # whole decode steps in one call where the plan covers the model
     return count
+
+
+def move_to_huge_pages(model: torch.nn.Module, min_bytes: int = 1 << 18) -> int:
+    """Move a CPU model's large parameters and buffers (a quantized model's weights are buffers:
+    ``qweight``, ``scales``, ``mins``) onto transparent huge pages, as the engine does for bf16 weights
+    (``qwenlab.engine.huge_pages``: no TLB miss and prefetcher restart every 4 KiB of each weight stream).
+    Values, shapes, dtypes and ties (one tensor in two modules) are kept; returns how many tensors moved."""
+    if not huge_pages.enabled():
+        return 0
+    slots: dict[int, list] = {}  # data_ptr -> [tensor, [(module, kind, name), ...]]
+    for module in model.modules():
+        for kind, table in (("param", module._parameters), ("buffer", module._buffers)):
+            for name, t in table.items():
+                if (t is None or t.device.type != "cpu" or not t.is_contiguous()
+                        or t.numel() * t.element_size() < min_bytes):
+                    continue
+                slots.setdefault(t.data_ptr(), [t, []])[1].append((module, kind, name))
+    if not slots:
+        return 0
+    items = list(slots.values())
+    slots.clear()
+    sizes = [-(-t.numel() * t.element_size() // 4096) * 4096 for t, _ in items]
+    import mmap
+
+    try:
+        mapping = mmap.mmap(-1, sum(sizes) + huge_pages.HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
+        return 0
+    arena = torch.frombuffer(mapping, dtype=torch.uint8)
+    offset = (-arena.data_ptr()) % huge_pages.HUGE_PAGE
+    with torch.no_grad():
+        for i, size in enumerate(sizes):
+            (tensor, owners), items[i] = items[i], None  # the old copy goes when its owners let go
+            nbytes = tensor.numel() * tensor.element_size()
+            target = arena[offset:offset + nbytes]
+            target.copy_(tensor.reshape(-1).view(torch.uint8))
+            moved = target.view(tensor.dtype).view(tensor.shape)
+            for module, kind, name in owners:
+                if kind == "param":
+                    module._parameters[name].data = moved
+                else:
+                    module._buffers[name] = moved
+            offset += size
+            del tensor, owners
+            huge_pages._trim()
+    return len(items)
 
 
 MAX_PLAN_ROWS = 64  # decode rows per step through the plan

@@ -142,6 +142,11 @@ def main(argv=None) -> int:
              "--out", str(sft / "train.jsonl")])
         run([python, "scripts/make_synthetic_sft.py", "--records", "600", "--seed", "1",
              "--out", str(sft / "heldout.jsonl")])
+    if not (sft / "places-heldout.jsonl").is_file():  # the later stages' add/sub reasoning (see the recipe)
+        run([python, "scripts/make_synthetic_sft.py", "--records", str(args.records), "--seed", "2",
+             "--style", "places", "--out", str(sft / "places-train.jsonl")])
+        run([python, "scripts/make_synthetic_sft.py", "--records", "600", "--seed", "3", "--style", "places",
+             "--out", str(sft / "places-heldout.jsonl")])
     if not (tok / "generation_config.json").is_file():
         run([python, "scripts/train_tokenizer.py", "--corpora", str(corpora), "--sft", str(sft / "train.jsonl"),
              "--vocab-size", "8192", "--out", str(tok)])
@@ -151,7 +156,7 @@ def main(argv=None) -> int:
         if not (work / "prepared" / corpus / "meta.json").is_file():
             run([str(Path(python).with_name("qwenlab")), "data", "prepare", str(corpora / f"{corpus}.jsonl"),
                  "--out", str(work / "prepared" / corpus), "--tokenizer", str(tok), "--format", "jsonl"])
-    for split in ("train", "heldout"):
+    for split in ("train", "heldout", "places-train", "places-heldout"):
         if not (sft / f"prepared-{split}" / "meta.json").is_file():
             prepare_sft(sft / f"{split}.jsonl", tok, sft / f"prepared-{split}")
     final = sorted((ROOT / args.run / "stages").glob("*-sft*"))

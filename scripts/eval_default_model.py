@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     llm = LLM(model, dtype="float32")
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     rng = random.Random(args.seed)
-    seen = seen_questions(ROOT / args.work / "sft" / "train.jsonl")
+    seen = set().union(*(seen_questions(path) for path in sorted((ROOT / args.work / "sft").glob("*train.jsonl"))))
     started = time.perf_counter()
     report = {"model": model, "seed": args.seed, "greedy": True}
 

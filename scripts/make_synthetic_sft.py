@@ -114,6 +114,60 @@ def task_sub(rng):
                 answer=f"{a} - {b} = {r}.", expected=str(r))
 
 
+PLACES = ("ones", "tens", "hundreds", "thousands")
+
+
+def _places(n: int) -> str:
+    """``298 = 2 hundreds, 9 tens, 8 ones.``: the digits copied left to right, each labelled with its place."""
+    digits = str(n)
+    return f"{n} = " + ", ".join(f"{d} {PLACES[len(digits) - 1 - i]}" for i, d in enumerate(digits)) + "."
+
+
+def task_add_places(rng):
+    """``add`` in the "places" style: each operand's digits labelled by place first (a left-to-right copy),
+    then one line per column that names it and carries the result so far (a copy plus one new digit), so no
+    step has to find "the k-th digit from the end" of a number or reverse the written digits."""
+    task = task_add(rng)
+    a, b = (int(x) for x in task["key"].split("+"))
+    da, db = str(a)[::-1], str(b)[::-1]
+    lines, carry, so_far = [f"Add {a} and {b} column by column, starting from the ones.", _places(a), _places(b)], 0, ""
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        expr = f"{x} + {y}" + (f" + {carry}" if carry else "")
+        carry = s // 10
+        so_far = str(s % 10) + so_far
+        lines.append(f"{PLACES[i].capitalize()}: {expr} = {s}, write {s % 10}" + (f", carry {carry}" if carry else "")
+                     + f". So far: {so_far}.")
+    if carry:
+        so_far = str(carry) + so_far
+        lines.append(f"{PLACES[len(da if len(da) >= len(db) else db)].capitalize()}: the last carry, write {carry}. "
+                     f"So far: {so_far}.")
+    lines.append(f"So {a} + {b} = {a + b}.")
+    return dict(task, reasoning="\n".join(lines))
+
+
+def task_sub_places(rng):
+    """``sub`` in the "places" style (see task_add_places); the top column drops a leading zero at the end."""
+    task = task_sub(rng)
+    a, b = (int(x) for x in task["key"].split("-"))
+    da, db = str(a)[::-1], str(b)[::-1]
+    lines, borrow, so_far = [f"Subtract {b} from {a} column by column, starting from the ones.", _places(a),
+                             _places(b)], 0, ""
+    for i in range(len(da)):
+        x, y = int(da[i]), int(db[i]) if i < len(db) else 0
+        top = x - borrow
+        prefix = f"{x} - 1 = {top} after the borrow; " if borrow else ""
+        if top < y:
+            d, body, borrow = top + 10 - y, f"{top} < {y}, borrow: {top + 10} - {y} = {top + 10 - y}", 1
+        else:
+            d, body, borrow = top - y, f"{top} - {y} = {top - y}", 0
+        so_far = str(d) + so_far
+        lines.append(f"{PLACES[i].capitalize()}: {prefix}{body}, write {d}. So far: {so_far}.")
+    lines.append(f"So {a} - {b} = {a - b}.")
+    return dict(task, reasoning="\n".join(lines))
+
+
 def task_count(rng):
     items = rng.sample(ITEMS, rng.randint(2, 9))
     listed = ", ".join(items)
@@ -163,6 +217,12 @@ def task_sort(rng):
 
 
 TASK_MAKERS = {"add": task_add, "sub": task_sub, "count": task_count, "convert": task_convert, "sort": task_sort}
+STYLES = {"columns": {}, "places": {"add": task_add_places, "sub": task_sub_places}}
+
+
+def set_style(style: str) -> None:
+    """Choose how add/sub reason: "columns" (the first SFT stages' data) or "places" (see task_add_places)."""
+    TASK_MAKERS.update({"add": task_add, "sub": task_sub}, **STYLES[style])
 
 CHAT = [
     (("Hello!", "Hi!", "Hi there.", "Good morning!", "Hey"), "The user greets me. I greet them back and offer help.",
@@ -308,7 +368,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thinking-fraction", type=float, default=0.7)
     p.add_argument("--out", default="build/default/sft/train.jsonl")
+    p.add_argument("--style", choices=sorted(STYLES), default="columns",
+                   help="how add/sub reason in <think> (default: columns, the first SFT stages' data)")
     args = p.parse_args(argv)
+    set_style(args.style)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:

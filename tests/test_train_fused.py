@@ -1,6 +1,7 @@
 """The training-only fused operations (hand-written backward) give the values and gradients of the plain
 composition they replace, in float32: LM head + cross-entropy, RMSNorm, RoPE, the MoE expert block (idle
-experts included, with and without grouped_mm), and clipping folded into the fused AdamW."""
+experts included, with and without grouped_mm), the blocked training attention, and clipping folded into the
+fused AdamW."""
 
 from __future__ import annotations
 
@@ -87,6 +88,33 @@ def test_moe_training_function_matches_the_composition(monkeypatch, grouped):
     plain = _grads(run, params, grad)
     _close(plain, ours)
     assert float(ours[1][2][3].abs().max()) == 0.0 and float(ours[1][3][6].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_blocked_attention_matches_sdpa(documents):
+    """Causal (and document-masked) attention with grouped KV heads: the blocked training attention gives
+    sdpa's output and gradients, over several query blocks with a partial last one."""
+    from qwenlab.train.trainer import TrainingAttention
+
+    g = torch.Generator().manual_seed(4)
+    B, h, kv, S, d = 2, 4, 2, 2 * fused.ATTENTION_BLOCK + 22, 16
+    q = torch.randn(B, S, h, d, generator=g).transpose(1, 2).requires_grad_()  # the model's strides
+    k = torch.randn(B, S, kv, d, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, S, kv, d, generator=g).transpose(1, 2).requires_grad_()
+    grad = torch.randn(B, h, S, d, generator=g)
+    doc_ids = torch.zeros(B, S, dtype=torch.long)
+    if documents:  # row 0: documents of 40, 100 and the rest tokens; row 1 a single document
+        doc_ids[0, 40:] = 1
+        doc_ids[0, 140:] = 2
+    context = TrainingAttention(doc_ids)
+    assert fused.wants_blocked_attention(q, k, v)
+
+    def plain():
+        if documents:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask, scale=0.3, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+
+    _close(_grads(plain, [q, k, v], grad), _grads(lambda: context.attend(0, q, k, v, 0.3), [q, k, v], grad))
 
 
 def test_clipping_folded_into_fused_adamw(monkeypatch):

@@ -167,3 +167,80 @@ class _Rope(torch.autograd.Function):
         grad_x[..., :half].addcmul_(grad[..., half:], sin[..., half:])
         grad_x[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
         return grad_x, None, None
+
+
+# ---- attention (CPU training) ----------------------------------------------------------------------------------
+# Query rows per block: each block of queries only meets the keys up to its last position (the causal upper
+# triangle of blocks is never computed). Measured on this project's 2-core CPU at S=256, d=64, float32, single
+# thread (forward + backward of one layer, process CPU time): 64-row blocks 13.2 ms, 32-row 12.6 ms, the flash
+# kernel 15.1 ms.
+ATTENTION_BLOCK = 64
+
+
+def wants_blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Training on CPU in float32 (no autocast), plain tensors, grouped heads dividing evenly."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and wants_fused(q, k, v)
+            and not torch.is_autocast_enabled("cpu") and q.shape[1] % k.shape[1] == 0 and q.shape[2] == k.shape[2])
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention (further restricted by ``mask`` [B, 1, S, S], True = attend, if given) for training
+    on CPU: batched matmuls over blocks of query rows, the query heads that share a KV head stacked into
+    one matmul (no repeated K/V), softmax in place, a hand-written backward from the saved probabilities.
+    q [B, h, S, d], k/v [B, kv, S, d] -> [B, h, S, d]. The same math as ``sdpa(..., is_causal=True)``."""
+    return _BlockedAttention.apply(q, k, v, scale, mask)
+
+
+def _attention_blocks(S: int) -> list[tuple[int, int]]:
+    starts = list(range(0, S, ATTENTION_BLOCK))
+    return [(a, min(a + ATTENTION_BLOCK, S)) for a in starts]
+
+
+class _BlockedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, mask):
+        B, h, S, d = q.shape
+        kv = k.shape[1]
+        g, BK = h // kv, B * kv
+        Q = q.reshape(BK, g, S, d)
+        K, V = k.reshape(BK, S, d), v.reshape(BK, S, d)
+        out = q.new_empty(BK, g, S, d)
+        probs = []
+        for a, b in _attention_blocks(S):
+            rows = b - a
+            Qb = Q[:, :, a:b].reshape(BK, g * rows, d)
+            s = torch.baddbmm(Qb.new_empty(()), Qb, K[:, :b].transpose(1, 2), beta=0, alpha=scale)
+            keep = torch.ones(rows, b, dtype=torch.bool, device=q.device).tril_(a)
+            if mask is not None:
+                keep = keep & mask[:, :, a:b, :b]  # [B, 1, rows, b]
+                s.view(B, kv, g, rows, b).masked_fill_(~keep[:, :, None], float("-inf"))
+            else:
+                s.view(BK, g, rows, b).masked_fill_(~keep, float("-inf"))
+            p = torch.softmax(s, -1)
+            probs.append(p)
+            out[:, :, a:b] = torch.bmm(p, V[:, :b]).view(BK, g, rows, d)
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.scale = scale
+        return out.view(B, h, S, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, *probs = ctx.saved_tensors
+        B, h, S, d = q.shape
+        kv = k.shape[1]
+        g, BK = h // kv, B * kv
+        Q = q.reshape(BK, g, S, d)
+        K, V = k.reshape(BK, S, d), v.reshape(BK, S, d)
+        dO = grad_out.reshape(BK, g, S, d)
+        dQ = torch.empty_like(Q)
+        dK, dV = torch.zeros_like(K), torch.zeros_like(V)
+        for (a, b), p in zip(_attention_blocks(S), probs):
+            rows = b - a
+            dOb = dO[:, :, a:b].reshape(BK, g * rows, d)
+            dV[:, :b].baddbmm_(p.transpose(1, 2), dOb)
+            dp = torch.bmm(dOb, V[:, :b].transpose(1, 2))
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
+            dQ[:, :, a:b] = torch.baddbmm(ds.new_empty(()), ds, K[:, :b], beta=0, alpha=ctx.scale).view(BK, g, rows, d)
+            dK[:, :b].baddbmm_(ds.transpose(1, 2), Q[:, :, a:b].reshape(BK, g * rows, d), alpha=ctx.scale)
+        return dQ.view(B, h, S, d), dK.view(B, kv, S, d), dV.view(B, kv, S, d), None, None

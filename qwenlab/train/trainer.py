@@ -25,6 +25,7 @@ import torch
 from ..checkpoint import build_empty, load_model, to_torch_dtype
 from ..config import ModelConfig, preset
 from ..errors import TrainingError
+from ..model import fused
 from . import distributed as D
 from .checkpointing import CheckpointManager, merge_lora_state, write_hf_checkpoint
 from .data import IGNORE_INDEX, ChatOptions, DocumentAttention, PackedLoader, Rows, open_sources
@@ -168,6 +169,17 @@ def _clip_into_optimizer(model, optimizer, max_norm: float, info: D.DistInfo) ->
     return float(norm)
 
 
+class TrainingAttention(DocumentAttention):
+    """``DocumentAttention`` for a training forward: on CPU in float32 the blocked attention of
+    ``qwenlab.model.fused`` (batched matmuls over blocks of query rows, the causal upper triangle of blocks
+    skipped; faster than the flash kernel there), else the same kernels as ``DocumentAttention``."""
+
+    def attend(self, layer_idx, q, k, v, scale):
+        if q.shape[2] > 1 and fused.wants_blocked_attention(q, k, v):
+            return fused.blocked_attention(q, k, v, scale, self.mask)
+        return super().attend(layer_idx, q, k, v, scale)
+
+
 class StepLoss:
     """The loss of one optimizer step, one micro-batch at a time (see losses.py for the normalisation)."""
 
@@ -190,7 +202,7 @@ class StepLoss:
         labels = batch["labels"].reshape(-1)
         index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         moe = self.moe_layers > 0
-        out = model(batch["input_ids"], positions=batch["positions"], context=DocumentAttention(batch["doc_ids"]),
+        out = model(batch["input_ids"], positions=batch["positions"], context=TrainingAttention(batch["doc_ids"]),
                     logits_indices=index, output_router_logits=moe, loss_targets=labels[index])
         ce = out.ce_sum
         loss = ce / self.targets

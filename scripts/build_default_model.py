@@ -147,6 +147,9 @@ def main(argv=None) -> int:
              "--style", "places", "--out", str(sft / "places-train.jsonl")])
         run([python, "scripts/make_synthetic_sft.py", "--records", "600", "--seed", "3", "--style", "places",
              "--out", str(sft / "places-heldout.jsonl")])
+    if not (sft / "tools-train.jsonl").is_file():  # tool calls are the weakest skill: a tool-heavy set
+        run([python, "scripts/make_synthetic_sft.py", "--records", "20000", "--seed", "4", "--style", "places",
+             "--tool-fraction", "0.9", "--out", str(sft / "tools-train.jsonl")])
     if not (tok / "generation_config.json").is_file():
         run([python, "scripts/train_tokenizer.py", "--corpora", str(corpora), "--sft", str(sft / "train.jsonl"),
              "--vocab-size", "8192", "--out", str(tok)])
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
         if not (work / "prepared" / corpus / "meta.json").is_file():
             run([str(Path(python).with_name("qwenlab")), "data", "prepare", str(corpora / f"{corpus}.jsonl"),
                  "--out", str(work / "prepared" / corpus), "--tokenizer", str(tok), "--format", "jsonl"])
-    for split in ("train", "heldout", "places-train", "places-heldout"):
+    for split in ("train", "heldout", "places-train", "places-heldout", "tools-train"):
         if not (sft / f"prepared-{split}" / "meta.json").is_file():
             prepare_sft(sft / f"{split}.jsonl", tok, sft / f"prepared-{split}")
     final = sorted((ROOT / args.run / "stages").glob("*-sft*"))

@@ -319,13 +319,13 @@ def reasoning_task(rng, kinds=TASKS):
     return TASK_MAKERS[rng.choice(kinds)](rng)
 
 
-def conversation(rng: random.Random, thinking: bool) -> dict:
+def conversation(rng: random.Random, thinking: bool, tool_fraction: float = 0.25) -> dict:
     messages: list[dict] = []
     if rng.random() < 0.3:
         messages.append({"role": "system", "content": rng.choice(SYSTEMS)})
     record: dict = {"enable_thinking": thinking}
     roll = rng.random()
-    if roll < 0.25:  # tool use, sometimes after a chat turn or a task
+    if roll < tool_fraction:  # tool use, sometimes after a chat turn or a task
         task = tool_task(rng)
         record["tools"] = task["tools"]
         if rng.random() < 0.25:
@@ -339,7 +339,7 @@ def conversation(rng: random.Random, thinking: bool) -> dict:
             record["tools"] += [t for t in again["tools"] if t["function"]["name"] not in names]
             messages.append({"role": "user", "content": again["question"]})
             messages += tool_turns(again, thinking)
-    elif roll < 0.30:  # tools offered, but the question needs none
+    elif roll < tool_fraction + 0.05:  # tools offered, but the question needs none
         task = reasoning_task(rng)
         record["tools"] = [TOOLS[t] for t in rng.sample(list(TOOLS), rng.randint(1, 3))]
         messages += [{"role": "user", "content": task["question"]}, assistant(task, thinking)]
@@ -356,10 +356,10 @@ def task_keys(record: dict) -> set[str]:
     return set(record.get("keys", []))
 
 
-def generate(records: int, seed: int, thinking_fraction: float = 0.7):
+def generate(records: int, seed: int, thinking_fraction: float = 0.7, tool_fraction: float = 0.25):
     rng = random.Random(f"qwenlab-sft-{seed}")
     for _ in range(records):
-        yield conversation(rng, rng.random() < thinking_fraction)
+        yield conversation(rng, rng.random() < thinking_fraction, tool_fraction)
 
 
 def main(argv=None) -> int:
@@ -368,6 +368,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thinking-fraction", type=float, default=0.7)
     p.add_argument("--out", default="build/default/sft/train.jsonl")
+    p.add_argument("--tool-fraction", type=float, default=0.25, help="share of conversations that call a tool")
     p.add_argument("--style", choices=sorted(STYLES), default="columns",
                    help="how add/sub reason in <think> (default: columns, the first SFT stages' data)")
     args = p.parse_args(argv)
@@ -375,7 +376,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:
-        for record in generate(args.records, args.seed, args.thinking_fraction):
+        for record in generate(args.records, args.seed, args.thinking_fraction, args.tool_fraction):
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     print(f"{args.records} conversations -> {out}", file=sys.stderr)
     return 0

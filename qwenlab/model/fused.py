@@ -234,13 +234,21 @@ class _BlockedAttention(torch.autograd.Function):
         K, V = k.reshape(BK, S, d), v.reshape(BK, S, d)
         dO = grad_out.reshape(BK, g, S, d)
         dQ = torch.empty_like(Q)
-        dK, dV = torch.zeros_like(K), torch.zeros_like(V)
-        for (a, b), p in zip(_attention_blocks(S), probs):
+        dK = dV = None
+        # last block first: it meets every key, so its products are dK / dV themselves (contiguous outputs);
+        # the earlier blocks add into a prefix of the keys
+        for (a, b), p in reversed(list(zip(_attention_blocks(S), probs))):
             rows = b - a
             dOb = dO[:, :, a:b].reshape(BK, g * rows, d)
-            dV[:, :b].baddbmm_(p.transpose(1, 2), dOb)
             dp = torch.bmm(dOb, V[:, :b].transpose(1, 2))
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
             dQ[:, :, a:b] = torch.baddbmm(ds.new_empty(()), ds, K[:, :b], beta=0, alpha=ctx.scale).view(BK, g, rows, d)
-            dK[:, :b].baddbmm_(ds.transpose(1, 2), Q[:, :, a:b].reshape(BK, g * rows, d), alpha=ctx.scale)
+            pv = torch.bmm(p.transpose(1, 2), dOb)
+            sq = torch.baddbmm(ds.new_empty(()), ds.transpose(1, 2), Q[:, :, a:b].reshape(BK, g * rows, d), beta=0,
+                               alpha=ctx.scale)
+            if dV is None:
+                dV, dK = pv, sq
+            else:
+                dV[:, :b] += pv
+                dK[:, :b] += sq
         return dQ.view(B, h, S, d), dK.view(B, kv, S, d), dV.view(B, kv, S, d), None, None

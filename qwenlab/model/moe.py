@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import ModelConfig
 from . import fused
@@ -206,6 +207,9 @@ class SparseMoE(nn.Module):
         logits = self.gate(x)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if logits.dtype == torch.float32 and logits.requires_grad:
+            # training: router_statistics reuses these (the same softmax and top-k of the same logits)
+            _ROUTING[logits] = (probs, expert_ids)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, expert_ids, weights.to(x.dtype)
@@ -221,6 +225,11 @@ class SparseMoE(nn.Module):
 
 
 # ---- load-balancing loss ---------------------------------------------------------------------------
+# Router logits -> (probabilities, top-k expert ids) computed by SparseMoE.route in float32 training: the
+# balancing statistics would compute the same softmax and top-k again (and backward through a second softmax).
+_ROUTING = WeakIdKeyDictionary()
+
+
 def router_statistics(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], top_k: int,
                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooled over layers: (top-k selections per expert [E], summed router probabilities [E], token rows).
@@ -235,8 +244,12 @@ def router_statistics(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ..
     rows = torch.zeros((), dtype=torch.float32, device=device)
     mask = None if attention_mask is None else attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
     for logits in router_logits:
-        probs = F.softmax(logits, dim=-1)
-        _, chosen = torch.topk(probs, top_k, dim=-1)
+        cached = _ROUTING.get(logits)
+        if cached is not None and cached[1].shape[-1] == top_k:
+            probs, chosen = cached
+        else:
+            probs = F.softmax(logits, dim=-1)
+            _, chosen = torch.topk(probs, top_k, dim=-1)
         slot_weight = torch.ones_like(chosen, dtype=torch.float32) if mask is None else mask[:, None].expand_as(chosen)
         selected = selected.scatter_add(0, chosen.reshape(-1), slot_weight.reshape(-1))
         probs = probs.float()

@@ -99,15 +99,21 @@ struct XQ {
   std::vector<float> xs, xsum;  // [M, nb]: block scale, block sum of the float x
 };
 
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, XQ& q) {
+// Size q for M rows of K values in blocks of B (contents undefined until quantize_blocks fills them).
+void xq_prepare(int64_t M, int64_t K, int64_t B, XQ& q) {
   q.M = M; q.K = K; q.B = B; q.nb = (K + B - 1) / B; q.ld = (K + 15) / 16 * 16;
-  q.xi.assign(M * q.ld, 0);
+  q.xi.resize(M * q.ld);
   q.xs.resize(M * q.nb); q.xsum.resize(M * q.nb);
+}
+
+// Blocks [b0, b1) of every row of x ([M, ldx] float, values k < q.K) into q (sized by xq_prepare).
+void quantize_blocks(const float* x, int64_t ldx, int64_t b0, int64_t b1, XQ& q) {
+  const int64_t K = q.K, B = q.B;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t b = 0; b < q.nb; b++) {
+  for (int64_t m = 0; m < q.M; m++)
+    for (int64_t b = b0; b < b1; b++) {
       const int64_t k0 = b * B, k1 = std::min(K, k0 + B);
-      const float* xr = x + m * K;
+      const float* xr = x + m * ldx;
       __m256 mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
       int64_t k = k0;
       for (; k + 8 <= k1; k += 8) {
@@ -134,7 +140,13 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, XQ& q) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), p);
       }
       for (; k < k1; k++) dst[k] = int16_t(std::max(-32767.f, std::min(32767.f, std::nearbyint(xr[k] * inv))));
+      if (k1 == K) for (k = K; k < q.ld; k++) dst[k] = 0;  // padding
     }
+}
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, XQ& q) {
+  xq_prepare(M, K, B, q);
+  quantize_blocks(x, K, 0, q.nb, q);
 }
 
 // ---- a quantized weight ----
@@ -597,6 +609,65 @@ void embed_row(const QW& w, int64_t r, float* dst) {
   }
 }
 
+inline const float* opt(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
+
+// A region's rows cut into the parts the threads claim (like the engine's bf16 decode plan): guided
+// (plan_guided, the default): the first parts are large (remaining / (2 x threads)) and shrink to
+// plan_min_rows, so each thread streams long runs and the threads finish close together; else about 4
+// equal parts per thread. Parts never straddle two matrices; their sizes are multiples of align (align
+// divides each matrix's rows, or the last part of a matrix is shorter).
+struct Part { int64_t mat, n0, n1; };
+bool plan_guided = true;
+int64_t plan_min_rows = 32;
+
+std::vector<Part> split_parts(const std::vector<int64_t>& rows, int64_t align) {
+  const int64_t T = std::max(1, at::get_num_threads());
+  int64_t remaining = 0;
+  for (int64_t r : rows) remaining += r;
+  std::vector<Part> parts;
+  int64_t mat = 0, offset = 0;
+  const int64_t equal = (remaining + 4 * T - 1) / (4 * T);
+  while (remaining > 0) {
+    int64_t size = plan_guided ? std::max(plan_min_rows, (remaining + 2 * T - 1) / (2 * T)) : equal;
+    size = std::min(remaining, (size + align - 1) / align * align);
+    remaining -= size;
+    while (size > 0) {
+      while (offset == rows[mat]) { mat++; offset = 0; }
+      const int64_t take = std::min(size, rows[mat] - offset);
+      parts.push_back({mat, offset, offset + take});
+      offset += take;
+      size -= take;
+    }
+  }
+  return parts;
+}
+
+template <typename F>
+void run_parts(const std::vector<Part>& parts, const F& fn) {
+  auto body = [&](int64_t i) { fn(parts[i]); };
+  const int64_t n = int64_t(parts.size());
+  if (pool_run != nullptr && n > 1 && at::get_num_threads() > 1)
+    pool_run(n, &tramp<decltype(body)>, const_cast<void*>(static_cast<const void*>(&body)));
+  else
+    for (int64_t i = 0; i < n; i++) body(i);
+}
+
+// One head's row x (float) in place: rounding to the activation dtype, optional RMSNorm, RoPE (the
+// arithmetic of norm_rope_store); y: D floats of scratch.
+void norm_rope_head(float* x, int64_t D, const float* nw, float eps, const float* c, const float* s, bool bf16, float* y) {
+  for (int64_t d = 0; d < D; d++) y[d] = rnd(x[d], bf16);
+  if (nw) {
+    float sum = 0.f;
+    for (int64_t d = 0; d < D; d++) sum += y[d] * y[d];
+    const float sc = 1.f / std::sqrt(sum / D + eps);
+    for (int64_t d = 0; d < D; d++) y[d] = rnd(nw[d] * rnd(y[d] * sc, bf16), bf16);
+  }
+  for (int64_t d = 0; d < D; d++) {
+    const float rotated = d < D / 2 ? -y[d + D / 2] : y[d - D / 2];
+    x[d] = rnd(rnd(y[d] * c[d], bf16) + rnd(rotated * s[d], bf16), bf16);
+  }
+}
+
 }  // namespace
 
 // Per layer 31 tensors: input norm; q, k, v weights (3 each: qweight, scales, mins or empty); q, k, v
@@ -674,72 +745,80 @@ torch::Tensor plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, torch::
     TORCH_CHECK(lp[m] >= 1 && lp[m] <= tables.size(1) * p.layers[0].k_cache.size(1), "quantized decode plan: context length");
   }
   std::vector<float> h(M * H), xn(M * std::max(H, qd)), q(M * qd), k(M * kvd), v(M * kvd), att(M * qd), o(M * H);
-  std::vector<float> gate(M * I), up(M * I), y(D);
+  std::vector<float> gate(M * I), up(M * I);
   for (int64_t m = 0; m < M; m++) {
     embed_row(p.embed, idp[m], h.data() + m * H);
     for (int64_t d = 0; d < H; d++) h[m * H + d] = rnd(h[m * H + d], bf16);
   }
-  XQ xq, aq;
+  for (int64_t m = 0; m < M; m++) TORCH_CHECK(sp[m] >= 0 && sp[m] < p.layers[0].k_cache.numel() / kvd, "slot out of range");
+  XQ xq, xq2, aq;
   for (auto& L : p.layers) {
-    const int64_t bs = L.k_cache.size(1), n_slots = L.k_cache.numel() / kvd;
+    const int64_t bs = L.k_cache.size(1);
+    // attention block: norm -> q/k/v in one region, with rounding, q/k norm + RoPE and the KV write per head
     plan_norm(h.data(), M, H, L.in_norm.data(), p.eps, bf16, xn.data());
     quantize_rows(xn.data(), M, H, L.wq.block(), xq);
     const XQ* xk = &xq;
-    if (L.wk.block() != L.wq.block() || L.wv.block() != L.wq.block()) { quantize_rows(xn.data(), M, H, L.wk.block(), aq); xk = &aq; }
-    run_jobs({job(L.wq, &xq, L.bq.empty() ? nullptr : L.bq.data(), q.data()),
-              job(L.wk, xk, L.bk.empty() ? nullptr : L.bk.data(), k.data()),
-              job(L.wv, xk, L.bv.empty() ? nullptr : L.bv.data(), v.data())});
-    for (int64_t m = 0; m < M; m++) {
-      TORCH_CHECK(sp[m] >= 0 && sp[m] < n_slots, "slot out of range");
-      const float *c = cf.data_ptr<float>() + m * D, *s = sf.data_ptr<float>() + m * D;
-      for (int pass = 0; pass < 2; pass++) {
-        float* rows = pass == 0 ? q.data() + m * qd : k.data() + m * kvd;
-        const int64_t nh = pass == 0 ? heads : kvh;
-        const float* nw = pass == 0 ? (L.q_norm.empty() ? nullptr : L.q_norm.data()) : (L.k_norm.empty() ? nullptr : L.k_norm.data());
-        for (int64_t hh = 0; hh < nh; hh++) {
-          float* x = rows + hh * D;
-          for (int64_t d = 0; d < D; d++) y[d] = rnd(x[d], bf16);
-          if (nw) {
-            float sum = 0.f;
-            for (int64_t d = 0; d < D; d++) sum += y[d] * y[d];
-            const float sc = 1.f / std::sqrt(sum / D + p.qk_eps);
-            for (int64_t d = 0; d < D; d++) y[d] = rnd(nw[d] * rnd(y[d] * sc, bf16), bf16);
-          }
-          for (int64_t d = 0; d < D; d++) {
-            const float rotated = d < D / 2 ? -y[d + D / 2] : y[d - D / 2];
-            x[d] = rnd(rnd(y[d] * c[d], bf16) + rnd(rotated * s[d], bf16), bf16);
+    if (L.wk.block() != L.wq.block() || L.wv.block() != L.wq.block()) { quantize_rows(xn.data(), M, H, L.wk.block(), xq2); xk = &xq2; }
+    const Job qkv[3] = {job(L.wq, &xq, opt(L.bq), q.data()), job(L.wk, xk, opt(L.bk), k.data()),
+                        job(L.wv, xk, opt(L.bv), v.data())};
+    const float* qk_norm[2] = {opt(L.q_norm), opt(L.k_norm)};
+    float* outs[3] = {q.data(), k.data(), v.data()};
+    const int64_t widths[3] = {qd, kvd, kvd};
+    run_parts(split_parts({qd, kvd, kvd}, D), [&](const Part& part) {
+      run_rows(qkv[part.mat], part.n0, part.n1);
+      float yb[512];
+      std::vector<float> yv(D > 512 ? D : 0);
+      float* y = D > 512 ? yv.data() : yb;
+      const int64_t width = widths[part.mat];
+      for (int64_t m = 0; m < M; m++) {
+        float* rows = outs[part.mat] + m * width;
+        if (part.mat < 2) {
+          const float *c = cf.data_ptr<float>() + m * D, *s = sf.data_ptr<float>() + m * D;
+          for (int64_t i = part.n0; i < part.n1; i += D) norm_rope_head(rows + i, D, qk_norm[part.mat], p.qk_eps, c, s, bf16, y);
+        }
+        if (part.mat > 0) {
+          at::Tensor& cache = part.mat == 1 ? L.k_cache : L.v_cache;
+          if (bf16) {
+            uint16_t* dst = reinterpret_cast<uint16_t*>(cache.data_ptr<at::BFloat16>()) + sp[m] * kvd;
+            for (int64_t i = part.n0; i < part.n1; i++) dst[i] = f_to_bf16(rows[i]);
+          } else {
+            std::memcpy(cache.data_ptr<float>() + sp[m] * kvd + part.n0, rows + part.n0, sizeof(float) * (part.n1 - part.n0));
           }
         }
       }
-      if (bf16) {
-        uint16_t* kdst = reinterpret_cast<uint16_t*>(L.k_cache.data_ptr<at::BFloat16>()) + sp[m] * kvd;
-        uint16_t* vdst = reinterpret_cast<uint16_t*>(L.v_cache.data_ptr<at::BFloat16>()) + sp[m] * kvd;
-        for (int64_t i = 0; i < kvd; i++) { kdst[i] = f_to_bf16(k[m * kvd + i]); vdst[i] = f_to_bf16(v[m * kvd + i]); }
-      } else {
-        std::memcpy(L.k_cache.data_ptr<float>() + sp[m] * kvd, k.data() + m * kvd, sizeof(float) * kvd);
-        std::memcpy(L.v_cache.data_ptr<float>() + sp[m] * kvd, v.data() + m * kvd, sizeof(float) * kvd);
-      }
-    }
+    });
     TORCH_CHECK(paged_decode, "quantized decode plan: the engine's paged attention kernel is not loaded");
     paged_decode(q.data(), L.k_cache.data_ptr(), L.v_cache.data_ptr(), bf16, tables.data_ptr<int32_t>(), lp, att.data(),
                  M, heads, kvh, D, bs, tables.size(1), p.scale);
     if (bf16) for (auto& a : att) a = rnd(a, true);
     quantize_rows(att.data(), M, qd, L.wo.block(), aq);
-    run_jobs({job(L.wo, &aq, L.bo.empty() ? nullptr : L.bo.data(), o.data())});
-    for (int64_t i = 0; i < M * H; i++) h[i] = rnd(h[i] + rnd(o[i], bf16), bf16);
-    // MLP
+    // o_proj with the residual add per part: h = rnd(h + rnd(o))
+    auto residual = [&](int64_t n0, int64_t n1) {
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) h[m * H + n] = rnd(h[m * H + n] + rnd(o[m * H + n], bf16), bf16);
+    };
+    const Job jo = job(L.wo, &aq, opt(L.bo), o.data());
+    run_parts(split_parts({H}, 16), [&](const Part& part) { run_rows(jo, part.n0, part.n1); residual(part.n0, part.n1); });
+    // MLP block: gate/up in one region with SwiGLU and the down projection's input quantization per part
     plan_norm(h.data(), M, H, L.post_norm.data(), p.eps, bf16, xn.data());
     quantize_rows(xn.data(), M, H, L.wg.block(), xq);
     const XQ* xu = &xq;
-    if (L.wu.block() != L.wg.block()) { quantize_rows(xn.data(), M, H, L.wu.block(), aq); xu = &aq; }
-    run_jobs({job(L.wg, &xq, nullptr, gate.data()), job(L.wu, xu, nullptr, up.data())});
-    for (int64_t i = 0; i < M * I; i++) {
-      const float g = rnd(gate[i], bf16);
-      gate[i] = rnd(rnd(g / (1.f + std::exp(-g)), bf16) * rnd(up[i], bf16), bf16);
-    }
-    quantize_rows(gate.data(), M, I, L.wd.block(), aq);
-    run_jobs({job(L.wd, &aq, nullptr, o.data())});
-    for (int64_t i = 0; i < M * H; i++) h[i] = rnd(h[i] + rnd(o[i], bf16), bf16);
+    if (L.wu.block() != L.wg.block()) { quantize_rows(xn.data(), M, H, L.wu.block(), xq2); xu = &xq2; }
+    const Job jg = job(L.wg, &xq, nullptr, gate.data()), ju = job(L.wu, xu, nullptr, up.data());
+    const int64_t Bd = L.wd.block();
+    xq_prepare(M, I, Bd, aq);
+    run_parts(split_parts({I}, Bd), [&](const Part& part) {
+      run_rows(jg, part.n0, part.n1);
+      run_rows(ju, part.n0, part.n1);
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t i = part.n0; i < part.n1; i++) {
+          const float g = rnd(gate[m * I + i], bf16);
+          gate[m * I + i] = rnd(rnd(g / (1.f + std::exp(-g)), bf16) * rnd(up[m * I + i], bf16), bf16);
+        }
+      quantize_blocks(gate.data(), I, part.n0 / Bd, (part.n1 + Bd - 1) / Bd, aq);
+    });
+    const Job jd = job(L.wd, &aq, nullptr, o.data());
+    run_parts(split_parts({H}, 16), [&](const Part& part) { run_rows(jd, part.n0, part.n1); residual(part.n0, part.n1); });
   }
   plan_norm(h.data(), M, H, p.final_norm.data(), p.eps, bf16, xn.data());
   quantize_rows(xn.data(), M, H, p.lm_head.block(), xq);
@@ -747,7 +826,8 @@ torch::Tensor plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, torch::
   Job jl = job(p.lm_head, &xq, nullptr, nullptr);
   jl.out = logits.data_ptr();
   jl.out_bf16 = bf16;
-  run_jobs({jl});
+  jl.ldo = V;
+  run_parts(split_parts({V}, 16), [&](const Part& part) { run_rows(jl, part.n0, part.n1); });
   return logits;
 }
 """

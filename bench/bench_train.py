@@ -5,9 +5,11 @@ checkpoint (written by qwenlab, loaded by transformers' ``from_pretrained``) and
 token ids with the same AdamW. One step = forward, loss, backward, gradient clipping, optimizer step:
 
 * qwenlab: ``qwenlab.train.trainer.training_step`` with the trainer's optimizer (``build_optimizer``: fused
-  AdamW) -- exactly what ``qwenlab train`` runs each step: packed-row attention context, CE on the target
-  positions only, Qwen's global-batch balancing loss for MoE; ``--compile`` adds the recipe's
-  ``compile = true`` (torch.compile per decoder layer).
+  AdamW) -- exactly what ``qwenlab train`` runs each step: packed-row attention context (on CPU in float32
+  the trainer's blocked causal attention, ``qwenlab.model.fused.blocked_attention``), CE on the target
+  positions only, Qwen's global-batch balancing loss for MoE, recipe defaults otherwise (no compile, no
+  activation checkpointing); ``--compile`` adds the recipe's ``compile = true`` (torch.compile per decoder
+  layer).
 * transformers: ``model(input_ids, labels=input_ids, output_router_logits=moe).loss.backward()``,
   ``clip_grad_norm_``, ``torch.optim.AdamW`` with its defaults (its default experts implementation for
   MoE). ``--same-optimizer`` gives transformers the fused AdamW too, to separate the optimizer's share.
@@ -162,6 +164,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch} x {args.seq_len} tokens")
+    print(f"qwenlab: training_step, fused AdamW with clipping folded in, compile {'on' if args.compile else 'off'}; "
+          f"transformers: defaults, {'fused' if args.same_optimizer else 'default'} AdamW")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads.split(","):

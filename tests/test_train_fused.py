@@ -115,6 +115,10 @@ def test_blocked_attention_matches_sdpa(documents):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
 
     _close(_grads(plain, [q, k, v], grad), _grads(lambda: context.attend(0, q, k, v, 0.3), [q, k, v], grad))
+    long = torch.zeros(1, 16, 2048, 8, requires_grad=True)  # 138 MB of probabilities: the flash kernel instead
+    assert not fused.wants_blocked_attention(long, long[:, :4], long[:, :4])
+    with torch.no_grad():
+        assert not fused.wants_blocked_attention(q, k, v)
 
 
 def test_clipping_folded_into_fused_adamw(monkeypatch):

@@ -175,12 +175,19 @@ class _Rope(torch.autograd.Function):
 # thread (forward + backward of one layer, process CPU time): 64-row blocks 13.2 ms, 32-row 12.6 ms, the flash
 # kernel 15.1 ms.
 ATTENTION_BLOCK = 64
+# Unlike the flash kernel (O(S) saved per row), the backward keeps the probabilities (about B * h * S^2 / 2
+# floats per layer): used only while they stay small. Long-context rows take the flash kernel.
+ATTENTION_MAX_SAVED_BYTES = 64 << 20
 
 
 def wants_blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Training on CPU in float32 (no autocast), plain tensors, grouped heads dividing evenly."""
+    """Training on CPU in float32 (no autocast), plain tensors, grouped heads dividing evenly, and saved
+    probabilities within ``ATTENTION_MAX_SAVED_BYTES``."""
+    B, h, S = q.shape[:3]
+    saved = 4 * B * h * S * (S + ATTENTION_BLOCK) // 2
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and wants_fused(q, k, v)
-            and not torch.is_autocast_enabled("cpu") and q.shape[1] % k.shape[1] == 0 and q.shape[2] == k.shape[2])
+            and not torch.is_autocast_enabled("cpu") and q.shape[1] % k.shape[1] == 0 and q.shape[2] == k.shape[2]
+            and saved <= ATTENTION_MAX_SAVED_BYTES)
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -120,6 +120,22 @@ def test_kernels_match_dequantized_reference(dtype, rows, K):
         torch.testing.assert_close(block.float(), ref, rtol=tol, atol=tol)
 
 
+def test_dequantize_rows_kernel_matches_the_torch_dequantization():
+    """The prefill route's one-pass dequantization: int8 bit-exact, int4 within float rounding (one FMA)."""
+    module = kernels.load()
+    torch.manual_seed(0)
+    w = torch.randn(300, 192) * 0.05
+    q8, s8 = quantize_int8(w)
+    assert torch.equal(module.dequantize_rows([q8, s8], 0, 300), dequantize("int8", q8, s8))
+    assert torch.equal(module.dequantize_rows([q8, s8], 17, 250), dequantize("int8", q8, s8)[17:250])
+    for group in (32, 64, 192):
+        parts = quantize_int4(w, group)
+        ref = dequantize("int4", *parts)
+        torch.testing.assert_close(module.dequantize_rows(list(parts), 5, 300), ref[5:], rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="row range"):
+        module.dequantize_rows([q8, s8], 10, 301)
+
+
 def test_kernels_on_the_shared_pool_give_the_same_results():
     """The quantized kernels run on the engine's work pool (one pool per process); 1 or 2 threads agree."""
     from qwenlab.engine import kernels as engine_kernels

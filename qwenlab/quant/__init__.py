@@ -210,14 +210,21 @@ def _blockwise_linear(x, method, q, scales, bias, mins=None):
     bias = None if bias is None else bias.to(compute)
     N, K = q.shape[0], x.shape[-1]
     step = max(1, _BLOCK_ELEMENTS // max(K, 1))
+    module = _kernels(x.device) if q.is_contiguous() and scales.is_contiguous() else None
+    parts = None if module is None else ([q, scales] if method == "int8" else [q, scales, mins.contiguous()])
+
+    def weight(n0, n1):  # float32 rows [n0, n1) of the weight; one vectorised pass with the CPU kernels
+        if parts is not None:
+            return module.dequantize_rows(parts, n0, n1)
+        part_mins = None if mins is None else mins[n0:n1]
+        return dequantize(method, q[n0:n1], scales[n0:n1], part_mins, compute)
+
     if step >= N:
-        return F.linear(xc, dequantize(method, q, scales, mins, compute), bias).to(x.dtype)
+        return F.linear(xc, weight(0, N), bias).to(x.dtype)
     out = x.new_empty(*x.shape[:-1], N)
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
-        part_mins = None if mins is None else mins[n0:n1]
-        out[..., n0:n1] = F.linear(xc, dequantize(method, q[n0:n1], scales[n0:n1], part_mins, compute),
-                                   None if bias is None else bias[n0:n1])
+        out[..., n0:n1] = F.linear(xc, weight(n0, n1), None if bias is None else bias[n0:n1])
     return out
 
 

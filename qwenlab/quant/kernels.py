@@ -452,6 +452,50 @@ torch::Tensor mlp(torch::Tensor x, std::vector<torch::Tensor> wg, std::vector<to
   return out;
 }
 
+// Rows [n0, n1) of dequant(w) as float32 [n1 - n0, K] (prefill: the caller hands the block to the sgemm).
+// One pass over the weight bytes, vectorised: the stock-op route (cast, then scale; int4:
+// unpack, cast, scale, add the min) makes 3-6 passes over a float block the size of the weights x 4.
+torch::Tensor dequantize_rows(std::vector<torch::Tensor> weight, int64_t n0, int64_t n1) {
+  const QW w = make_qw(weight);
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= w.N, "dequantize_rows: row range");
+  const int64_t K = w.K;
+  auto out = torch::empty({n1 - n0, K}, torch::kFloat);
+  float* op = out.data_ptr<float>();
+  // ATen's (OpenMP) threads, as the sgemm that follows: the work pool's helpers would spin beside them
+  at::parallel_for(0, n1 - n0, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const int64_t n = n0 + r;
+      float* dst = op + r * K;
+      if (w.kind == 8) {
+        const int8_t* row = w.q8 + n * K;
+        const __m256 sc = _mm256_set1_ps(w.s8[n]);
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+          const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
+          _mm256_storeu_ps(dst + k, _mm256_mul_ps(_mm256_cvtepi32_ps(v), sc));
+        }
+        for (; k < K; k++) dst[k] = float(row[k]) * w.s8[n];
+      } else {
+        const int64_t ng = K / w.G;
+        const uint8_t* row = w.q4 + n * (K / 2);
+        for (int64_t g = 0; g < ng; g++) {
+          const __m256 sc = _mm256_set1_ps(half_f(w.s4[n * ng + g])), mn = _mm256_set1_ps(half_f(w.m4[n * ng + g]));
+          for (int64_t k = g * w.G; k < (g + 1) * w.G; k += 32) {  // a run of 32: byte j = value j (low), j + 16 (high)
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+            const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int i = 0; i < 4; i++) {
+              const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+              _mm256_storeu_ps(dst + k + 8 * i, _mm256_fmadd_ps(v, sc, mn));
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // ---- int4 scale search (quantization time) ----
 namespace {
 inline float half_round(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
@@ -832,7 +876,7 @@ torch::Tensor plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, torch::
 }
 """
 
-_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "set_paged_decode", "set_prefetch", "int4_search", "plan_create", "plan_run",
+_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "set_paged_decode", "set_prefetch", "int4_search", "dequantize_rows", "plan_create", "plan_run",
               "plan_free"]
 _module = None
 _failed = False

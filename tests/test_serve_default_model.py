@@ -106,7 +106,7 @@ def test_tool_call_not_streamed_and_streamed(client):
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
     call = choice.message.tool_calls[0]
-    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
     assert "<tool_call>" not in (choice.message.content or "")
     streamed = join(client.chat.completions.create(**kwargs, stream=True))
     assert streamed["finish"] == "tool_calls" and list(streamed["calls"]) == [0]
@@ -122,8 +122,8 @@ def test_multi_turn_tool_loop(client):
     messages.append({"role": "tool", "tool_call_id": call.id,
                      "content": json.dumps({"city": "Paris", "temperature_c": 21, "condition": "sunny"})})
     r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=200)
-    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content.strip()
-    assert not r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+    assert r.choices[0].message.content.strip() == "It is 21°C and sunny in Paris."  # the tool's result, quoted
     # the conversation goes on: a follow-up question is answered after the whole tool exchange
     messages += [r.choices[0].message.model_dump(exclude_none=True), *ask("Thanks!")]
     r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=200)

@@ -574,7 +574,12 @@ def train(config: RunConfig, resume: bool = False, stop_after: int | None = None
     """Run every stage of ``config`` (on this process, or as one rank of a torchrun job)."""
     info = D.init_distributed(config.device, config.tensor_parallel)
     try:
-        return Trainer(config, info, resume=resume, stop_after=stop_after).run()
+        summary = Trainer(config, info, resume=resume, stop_after=stop_after).run()
+        # Every rank finishes (rank 0 still writes the loss plot) before the process group goes away: a rank
+        # tearing gloo down while its peer is still busy was seen to abort at exit ("terminate called without
+        # an active exception") once in a CI run. Only on success: after a failure a barrier could hang.
+        D.barrier(info)
+        return summary
     finally:
         D.shutdown(info)
 

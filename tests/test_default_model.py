@@ -73,7 +73,7 @@ def test_tokenizer_has_qwens_added_tokens_in_qwens_order():
 
 
 # The shipped model learned the formats (think blocks, answers, Hermes tool calls) and part of the tasks
-# (68% of held-out answers, half of the tool calls: see the model card's evaluation), so these check real
+# (79% of held-out answers, 60% of the tool calls: see the model card's evaluation), so these check real
 # behaviour of its greedy output through the engine's parsers, with exact answers where it is reliable
 # (counting, conversion, the weather tool loop); retraining the model means re-checking them.
 def test_thinking_on_gives_parsed_reasoning_and_an_answer(llm, greedy):

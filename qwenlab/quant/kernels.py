@@ -329,29 +329,34 @@ Job job(const QW& w, const XQ* x, const float* bias, float* out) {
   Job j; j.w = w; j.x = x; j.bias = bias; j.out = out; j.ldo = w.N; return j;
 }
 
+// One head's row x (float) in place: rounding to the activation dtype, optional RMSNorm, RoPE (the
+// arithmetic of norm_rope_store); y: D floats of scratch.
+void norm_rope_head(float* x, int64_t D, const float* nw, float eps, const float* c, const float* s, bool bf16, float* y) {
+  for (int64_t d = 0; d < D; d++) y[d] = rnd(x[d], bf16);
+  if (nw) {
+    float sum = 0.f;
+    for (int64_t d = 0; d < D; d++) sum += y[d] * y[d];
+    const float sc = 1.f / std::sqrt(sum / D + eps);
+    for (int64_t d = 0; d < D; d++) y[d] = rnd(nw[d] * rnd(y[d] * sc, bf16), bf16);
+  }
+  for (int64_t d = 0; d < D; d++) {
+    const float rotated = d < D / 2 ? -y[d + D / 2] : y[d - D / 2];
+    x[d] = rnd(rnd(y[d] * c[d], bf16) + rnd(rotated * s[d], bf16), bf16);
+  }
+}
+
 // rows [T, heads * D] -> optional per-head RMSNorm and RoPE -> out[0, head, t, :] (transformers' roundings)
 void norm_rope_store(const float* rows, int64_t T, int64_t heads, int64_t D, const float* norm_w, float eps,
                      const float* cos, const float* sin, bool bf16, torch::Tensor& out) {
-  const int64_t half = D / 2;
-  std::vector<float> y(D);
+  std::vector<float> x(D), y(D);
   for (int64_t i = 0; i < T * heads; i++) {
     const int64_t t = i / heads, h = i % heads;
-    const float* x = rows + t * heads * D + h * D;
-    for (int64_t d = 0; d < D; d++) y[d] = rnd(x[d], bf16);
-    if (norm_w) {
-      float sum = 0.f;
-      for (int64_t d = 0; d < D; d++) sum += y[d] * y[d];
-      const float scale = 1.f / std::sqrt(sum / D + eps);
-      for (int64_t d = 0; d < D; d++) y[d] = rnd(norm_w[d] * rnd(y[d] * scale, bf16), bf16);
-    }
-    const float* c = cos + t * D;
-    const float* s = sin + t * D;
+    std::copy(rows + i * D, rows + (i + 1) * D, x.begin());
+    norm_rope_head(x.data(), D, norm_w, eps, cos + t * D, sin + t * D, bf16, y.data());
     const int64_t offset = (h * T + t) * D;
     for (int64_t d = 0; d < D; d++) {
-      const float rotated = d < half ? -y[d + half] : y[d - half];
-      const float v = rnd(rnd(y[d] * c[d], bf16) + rnd(rotated * s[d], bf16), bf16);
-      if (bf16) reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())[offset + d] = f_to_bf16(v);
-      else out.data_ptr<float>()[offset + d] = v;
+      if (bf16) reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())[offset + d] = f_to_bf16(x[d]);
+      else out.data_ptr<float>()[offset + d] = x[d];
     }
   }
 }
@@ -696,21 +701,6 @@ void run_parts(const std::vector<Part>& parts, const F& fn) {
     for (int64_t i = 0; i < n; i++) body(i);
 }
 
-// One head's row x (float) in place: rounding to the activation dtype, optional RMSNorm, RoPE (the
-// arithmetic of norm_rope_store); y: D floats of scratch.
-void norm_rope_head(float* x, int64_t D, const float* nw, float eps, const float* c, const float* s, bool bf16, float* y) {
-  for (int64_t d = 0; d < D; d++) y[d] = rnd(x[d], bf16);
-  if (nw) {
-    float sum = 0.f;
-    for (int64_t d = 0; d < D; d++) sum += y[d] * y[d];
-    const float sc = 1.f / std::sqrt(sum / D + eps);
-    for (int64_t d = 0; d < D; d++) y[d] = rnd(nw[d] * rnd(y[d] * sc, bf16), bf16);
-  }
-  for (int64_t d = 0; d < D; d++) {
-    const float rotated = d < D / 2 ? -y[d + D / 2] : y[d - D / 2];
-    x[d] = rnd(rnd(y[d] * c[d], bf16) + rnd(rotated * s[d], bf16), bf16);
-  }
-}
 
 }  // namespace
 

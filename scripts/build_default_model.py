@@ -155,7 +155,10 @@ def main(argv=None) -> int:
              "--vocab-size", "8192", "--out", str(tok)])
     if not (corpora / "copy-train.jsonl").is_file():
         run([python, "scripts/make_copy_corpus.py", "--docs", "20000", "--out", str(corpora / "copy-train.jsonl")])
-    for corpus in ("prose-train", "code-train", "copy-train"):
+    if not (corpora / "symbols-train.jsonl").is_file():  # random ticker-like symbols to copy (stage 11)
+        run([python, "scripts/make_copy_corpus.py", "--style", "symbols", "--seed", "1", "--docs", "20000",
+             "--out", str(corpora / "symbols-train.jsonl")])
+    for corpus in ("prose-train", "code-train", "copy-train", "symbols-train"):
         if not (work / "prepared" / corpus / "meta.json").is_file():
             run([str(Path(python).with_name("qwenlab")), "data", "prepare", str(corpora / f"{corpus}.jsonl"),
                  "--out", str(work / "prepared" / corpus), "--tokenizer", str(tok), "--format", "jsonl"])

@@ -9,6 +9,13 @@ tokens can only be predicted by copying, they learn it early. Each document here
 words, city names, currency codes, ticker symbols, units and punctuation.
 
     .venv/bin/python scripts/make_copy_corpus.py --docs 20000 --out build/default/corpora/copy-train.jsonl
+
+``--style symbols`` writes spans of random upper-case symbols (2-5 letters, like the tickers of the tool
+tasks) mixed with numbers and words: a symbol the model has never seen splits into unfamiliar BPE pieces,
+and copying it piece by piece is the one skill the tool-call failures of stage 10 lacked.
+
+    .venv/bin/python scripts/make_copy_corpus.py --style symbols --seed 1 --docs 20000 \
+        --out build/default/corpora/symbols-train.jsonl
 """
 
 from __future__ import annotations
@@ -36,11 +43,20 @@ def item(rng: random.Random) -> str:
     return rng.choice(pool)
 
 
-def document(rng: random.Random, lines: int) -> str:
+def symbol(rng: random.Random) -> str:
+    return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(rng.randint(2, 5)))
+
+
+def symbol_item(rng: random.Random) -> str:
+    return symbol(rng) if rng.random() < 0.6 else item(rng)
+
+
+def document(rng: random.Random, lines: int, style: str = "mixed") -> str:
+    pick = symbol_item if style == "symbols" else item
     out = []
     for _ in range(lines):
         joiner = rng.choice((", ", " ", " + ", " - ", ", "))
-        span = joiner.join(item(rng) for _ in range(rng.randint(2, 8)))
+        span = joiner.join(pick(rng) for _ in range(rng.randint(1 if style == "symbols" else 2, 8)))
         out.append(span + rng.choice(SEPARATORS) + span)
     return "\n".join(out) + "\n"
 
@@ -50,13 +66,15 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=20000)
     p.add_argument("--lines", type=int, default=6, help="copy pairs per document")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", choices=("mixed", "symbols"), default="mixed",
+                   help="mixed: the SFT tasks' vocabulary; symbols: mostly random upper-case symbols")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     rng = random.Random(args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         for _ in range(args.docs):
-            handle.write(json.dumps({"text": document(rng, args.lines)}) + "\n")
+            handle.write(json.dumps({"text": document(rng, args.lines, args.style)}) + "\n")
     print(f"wrote {args.docs} documents to {args.out}", file=sys.stderr)
 
 

@@ -29,8 +29,21 @@ def _train_run(args: argparse.Namespace) -> int:
     overrides = list(args.set) + (["run.progress=false"] if args.no_progress else [])
     config = load_recipe(args.recipe, overrides, world_size=world_size_from_env())
     summary = train(config, resume=args.resume, stop_after=args.stop_after)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
+    if int(os.environ.get("RANK", "0")) == 0:
+        _report(summary)
+    if world_size_from_env() > 1:
+        # A torchrun rank leaves without Python's finalization: FSDP2's device mesh keeps the gloo process group
+        # alive past destroy_process_group, and a gloo worker thread that touches a tensor while the interpreter
+        # is being torn down cannot take the GIL and aborts the process ("terminate called without an active
+        # exception", SIGABRT, seen in CI after a run had finished and written everything). Checkpoints are
+        # already fsynced and renamed; only the standard streams need flushing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _report(summary: dict) -> None:
     for stage in summary["stages"]:
         extra = f", held-out loss {stage['eval_loss']:.4f}" if stage.get("eval_loss") is not None else ""
         final = stage.get("final_loss")
@@ -39,7 +52,6 @@ def _train_run(args: argparse.Namespace) -> int:
               f"stage {stage['name']}: no steps run")
     if summary.get("plot"):
         print(f"loss curves: {summary['plot']}")
-    return 0
 
 
 register("train", "train a model: pretraining stages, long-context extension, SFT, LoRA (torchrun for FSDP2)",

@@ -216,13 +216,39 @@ def task_sort(rng):
                 answer=f"From smallest to largest: {result}.", expected=result)
 
 
+def task_sort_marks(rng):
+    """``sort`` in the "marks" style: every line restates the whole list with the numbers already taken
+    replaced by ``x`` (so each line is a position-by-position copy of the one before, one number swapped) and
+    carries the sorted part so far (so the answer is a copy of the last line, not a gathering of every line).
+    Removing a number from a shrinking list was where the repeated-minimum style failed."""
+    numbers = rng.sample(range(1, 100), rng.randint(3, 6))
+    listed = ", ".join(map(str, numbers))
+    q = rng.choice(("Sort these numbers from smallest to largest: {l}.", "Sort in ascending order: {l}.",
+                    "Put these numbers in increasing order: {l}.")).format(l=listed)
+    lines, row, done = ["Take the smallest number each time; x marks a number already taken."], list(numbers), []
+    for _ in numbers:
+        low = min(v for v in row if v != "x")
+        done.append(low)
+        lines.append(f"{', '.join(map(str, row))}: the smallest is {low}. So far: {', '.join(map(str, done))}.")
+        row = ["x" if v == low else v for v in row]
+    result = ", ".join(map(str, sorted(numbers)))
+    lines.append(f"Sorted: {result}.")
+    return dict(kind="sort", key="sort:" + listed, question=q, reasoning="\n".join(lines),
+                answer=f"From smallest to largest: {result}.", expected=result)
+
+
 TASK_MAKERS = {"add": task_add, "sub": task_sub, "count": task_count, "convert": task_convert, "sort": task_sort}
-STYLES = {"columns": {}, "places": {"add": task_add_places, "sub": task_sub_places}}
+STYLES = {"columns": {}, "places": {"add": task_add_places, "sub": task_sub_places},
+          "marks": {"add": task_add_places, "sub": task_sub_places, "sort": task_sort_marks}}
+KINDS = TASKS  # the reasoning tasks drawn from (uniformly; --extra-sort repeats "sort")
 
 
-def set_style(style: str) -> None:
-    """Choose how add/sub reason: "columns" (the first SFT stages' data) or "places" (see task_add_places)."""
-    TASK_MAKERS.update({"add": task_add, "sub": task_sub}, **STYLES[style])
+def set_style(style: str, extra_sort: int = 0) -> None:
+    """Choose how add/sub/sort reason: "columns" (the first SFT stages' data), "places" (see task_add_places)
+    or "marks" (places, and sort as in task_sort_marks); ``extra_sort`` more draws of sort among the tasks."""
+    global KINDS
+    TASK_MAKERS.update({"add": task_add, "sub": task_sub, "sort": task_sort}, **STYLES[style])
+    KINDS = TASKS + ("sort",) * extra_sort
 
 CHAT = [
     (("Hello!", "Hi!", "Hi there.", "Good morning!", "Hey"), "The user greets me. I greet them back and offer help.",
@@ -315,8 +341,8 @@ def tool_turns(task: dict, thinking: bool) -> list[dict]:
             {"role": "assistant", "content": task["final"], "reasoning_content": task["after"] if thinking else ""}]
 
 
-def reasoning_task(rng, kinds=TASKS):
-    return TASK_MAKERS[rng.choice(kinds)](rng)
+def reasoning_task(rng, kinds=None):
+    return TASK_MAKERS[rng.choice(kinds or KINDS)](rng)
 
 
 def conversation(rng: random.Random, thinking: bool, tool_fraction: float = 0.25) -> dict:
@@ -370,9 +396,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="build/default/sft/train.jsonl")
     p.add_argument("--tool-fraction", type=float, default=0.25, help="share of conversations that call a tool")
     p.add_argument("--style", choices=sorted(STYLES), default="columns",
-                   help="how add/sub reason in <think> (default: columns, the first SFT stages' data)")
+                   help="how add/sub/sort reason in <think> (default: columns, the first SFT stages' data)")
+    p.add_argument("--extra-sort", type=int, default=0, help="draw sort this many more times among the 5 tasks")
     args = p.parse_args(argv)
-    set_style(args.style)
+    set_style(args.style, args.extra_sort)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:

@@ -81,3 +81,33 @@ def test_other_tasks_are_consistent():
         assert tool["name"] in [t["function"]["name"] for t in tool["tools"]]
         assert all(text in tool["final"] for text in tool["expected"])
     assert json.dumps(next(synth.generate(1, seed=0)))
+
+
+def test_marks_style_sort_is_a_correct_selection_sort():
+    """Each line restates the list position by position with exactly the numbers taken so far marked x,
+    names the smallest number left, and carries the sorted part; the last line is the answer."""
+    rng = random.Random(11)
+    for _ in range(300):
+        task = synth.task_sort_marks(rng)
+        numbers = [int(x) for x in re.findall(r"\d+", task["question"])]
+        ordered = sorted(numbers)
+        lines = task["reasoning"].splitlines()
+        assert len(lines) == len(numbers) + 2 and lines[-1] == f"Sorted: {task['expected']}."
+        for step, line in enumerate(lines[1:-1]):
+            listed, rest = line.split(": the smallest is ")
+            assert listed.split(", ") == ["x" if v in ordered[:step] else str(v) for v in numbers], line
+            assert rest == f"{ordered[step]}. So far: {', '.join(map(str, ordered[:step + 1]))}."
+        assert task["expected"] == ", ".join(map(str, ordered))
+        assert task["answer"] == f"From smallest to largest: {task['expected']}."
+
+
+def test_marks_style_changes_sort_and_draws_it_more_often():
+    synth.set_style("marks", extra_sort=3)
+    try:
+        assert synth.TASK_MAKERS["sort"] is synth.task_sort_marks and synth.TASK_MAKERS["add"] is synth.task_add_places
+        assert synth.KINDS.count("sort") == 4
+        kinds = [synth.reasoning_task(random.Random(i))["kind"] for i in range(400)]
+        assert 0.4 < kinds.count("sort") / len(kinds) < 0.6
+    finally:
+        synth.set_style("columns")
+    assert synth.TASK_MAKERS["sort"] is synth.task_sort and synth.KINDS == synth.TASKS

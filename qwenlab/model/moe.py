@@ -26,7 +26,14 @@ GROUPED_MM_MIN_SLOTS = 1
 
 
 def expert_matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` grouped by expert (sizes ``counts``) times each expert's ``weight[e]`` [out, in]."""
+    """Rows of ``x`` grouped by expert (sizes ``counts``) times each expert's ``weight[e]`` [out, in].
+
+    Under CUDA autocast the product runs in the autocast dtype, as ``F.linear`` would: autocast does not
+    cover grouped_mm or ``mm(out=)``, and without the cast a bf16-autocast training step (float32 master
+    weights) would run its experts as a loop of float32 matmuls."""
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dtype), weight.to(dtype)
     active = [e for e, c in enumerate(counts) if c]
     if _use_grouped_mm(x, weight, len(active)):
         return _grouped_mm(x, weight.transpose(1, 2), offs=offsets)
@@ -185,7 +192,7 @@ class Experts(nn.Module):
         gate, up = expert_matmul(xs, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
         ys = expert_matmul(F.silu(gate) * up, self.down_proj, counts, offsets)
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, ys.to(x.dtype))
 
 
 class SparseMoE(nn.Module):

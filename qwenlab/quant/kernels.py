@@ -5,7 +5,7 @@ and the same thread pool: ``load()`` hands this module the engine module's work 
 runs every kernel of a decode step on one pool (two pools' spinning helpers would fight over the cores).
 
 Decode is a matrix-vector product bound by the bytes of weights read, so each weight byte is read once
-per step. The activation row is first rounded to int16 in blocks (int8 weights: 64 values; int4: one
+per step. The activation row is first rounded to int16 in blocks (int8 weights: 128 values; int4: one
 block per weight group) with a float scale per block: the error is at most 2^-16 of the block's largest
 value, well below bf16's rounding. The products then run on the integer multiply-add unit (``vpmaddwd``:
 16 products and 8 pair sums per instruction, exact in int32), one float FMA per block applies the scales.
@@ -149,6 +149,10 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t B, XQ& q) {
   quantize_blocks(x, K, 0, q.nb, q);
 }
 
+// Activation block of int8 weights' products: the int32 sums of one block are scaled once (a block of
+// I8B values costs I8B / 16 multiply-adds and one conversion + FMA). |sum| <= I8B * 127 * 32767 < 2^31.
+constexpr int64_t I8B = 128;
+
 // ---- a quantized weight ----
 // kind 8: int8 [N, K] codes, float32 scale per row. kind 4: uint8 [N, K/2] packed codes q in [0, 15]
 // (runs of 32 values: byte j holds value j low, value j + 16 high), w = scale[g] * q + min[g] per group
@@ -161,7 +165,7 @@ struct QW {
   const float* s8 = nullptr;
   const at::Half* s4 = nullptr;
   const at::Half* m4 = nullptr;
-  int64_t block() const { return kind == 8 ? 64 : G; }
+  int64_t block() const { return kind == 8 ? I8B : G; }
 };
 
 QW make_qw(const std::vector<torch::Tensor>& t) {
@@ -197,24 +201,24 @@ inline void dot_i8(const XQ& x, int64_t m0, const QW& w, int64_t n, float* out) 
   __m256 acc[MT];
   float tail[MT];
   for (int i = 0; i < MT; i++) { acc[i] = _mm256_setzero_ps(); tail[i] = 0.f; }
-  const int64_t full = K / 64;
+  const int64_t full = K / I8B;
   for (int64_t b = 0; b < full; b++) {
-    const int8_t* wp = row + b * 64;
-    _mm_prefetch(reinterpret_cast<const char*>(wp) + prefetch_bytes, _MM_HINT_T0);
+    const int8_t* wp = row + b * I8B;
     __m256i s[MT];
     for (int i = 0; i < MT; i++) s[i] = _mm256_setzero_si256();
-    for (int c = 0; c < 4; c++) {
+    for (int c = 0; c < I8B / 16; c++) {
+      if ((c & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + 16 * c) + prefetch_bytes, _MM_HINT_T0);  // per line
       const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + 16 * c)));
       for (int i = 0; i < MT; i++)
         s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(wv, _mm256_loadu_si256(
-                                                             reinterpret_cast<const __m256i*>(xi[i] + b * 64 + 16 * c))));
+                                                             reinterpret_cast<const __m256i*>(xi[i] + b * I8B + 16 * c))));
     }
     for (int i = 0; i < MT; i++) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_set1_ps(xs[i][b]), acc[i]);
   }
-  if (full * 64 < K) {  // the last, partial block
+  if (full * I8B < K) {  // the last, partial block
     int32_t part[MT];
     for (int i = 0; i < MT; i++) part[i] = 0;
-    for (int64_t k = full * 64; k < K; k++)
+    for (int64_t k = full * I8B; k < K; k++)
       for (int i = 0; i < MT; i++) part[i] += int32_t(row[k]) * int32_t(xi[i][k]);
     for (int i = 0; i < MT; i++) tail[i] = float(part[i]) * xs[i][full];
   }

@@ -150,10 +150,6 @@ def main(argv=None) -> int:
     if not (sft / "tools-train.jsonl").is_file():  # tool calls are the weakest skill: a tool-heavy set
         run([python, "scripts/make_synthetic_sft.py", "--records", "20000", "--seed", "4", "--style", "places",
              "--tool-fraction", "0.9", "--out", str(sft / "tools-train.jsonl")])
-    if not (sft / "marks-heldout.jsonl").is_file():  # sort with x marks, sort drawn 4 times as often (stage 12)
-        for split, records, seed in (("marks-train", args.records, "5"), ("marks-heldout", 600, "6")):
-            run([python, "scripts/make_synthetic_sft.py", "--records", str(records), "--seed", seed, "--style", "marks",
-                 "--extra-sort", "3", "--out", str(sft / f"{split}.jsonl")])
     if not (tok / "generation_config.json").is_file():
         run([python, "scripts/train_tokenizer.py", "--corpora", str(corpora), "--sft", str(sft / "train.jsonl"),
              "--vocab-size", "8192", "--out", str(tok)])
@@ -166,7 +162,7 @@ def main(argv=None) -> int:
         if not (work / "prepared" / corpus / "meta.json").is_file():
             run([str(Path(python).with_name("qwenlab")), "data", "prepare", str(corpora / f"{corpus}.jsonl"),
                  "--out", str(work / "prepared" / corpus), "--tokenizer", str(tok), "--format", "jsonl"])
-    for split in ("train", "heldout", "places-train", "places-heldout", "tools-train", "marks-train", "marks-heldout"):
+    for split in ("train", "heldout", "places-train", "places-heldout", "tools-train"):
         if not (sft / f"prepared-{split}" / "meta.json").is_file():
             prepare_sft(sft / f"{split}.jsonl", tok, sft / f"prepared-{split}")
     final = sorted((ROOT / args.run / "stages").glob("*-sft*"))

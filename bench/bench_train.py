@@ -134,6 +134,19 @@ def hf_adamw(model, fused: bool):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **({"fused": True} if fused else {}))
 
 
+def hf_train_step(model, optimizer, ids, labels, moe: bool, autocast):
+    """transformers' plain training step: forward with labels (and router logits for MoE), backward, clip, AdamW."""
+    def step():
+        with autocast():
+            out = model(ids, labels=labels, **({"output_router_logits": True} if moe else {}))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+    return step
+
+
 def precision_setup(precision: str, device: torch.device):
     """(parameter dtype, autocast context factory) of a precision policy, the same for both libraries."""
     if precision == "pure":
@@ -171,14 +184,7 @@ def bench_model(name: str, config, path: Path, workload: str, precision: str, ar
     def ours_step():
         return training_step(ours, ours_opt, rows, moe_cfg, 1.0, args.batch, info, autocast)["loss"]
 
-    def hf_step():
-        with autocast():
-            out = hf(ids, labels=hf_labels, **({"output_router_logits": True} if moe else {}))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+    hf_step = hf_train_step(hf, hf_opt, ids, hf_labels, moe, autocast)
 
     first = (ours_step(), hf_step())
     times = {"qwenlab": [], "transformers": []}
@@ -381,15 +387,7 @@ def bench_model_gpu(name: str, config, path: Path, workload: str, precision: str
         if moe:
             extra["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
 
-        def step():
-            with autocast():
-                out = model(ids, labels=hf_labels, **({"output_router_logits": True} if moe else {}))
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return float(out.loss.detach())
-
+        step = hf_train_step(model, optimizer, ids, hf_labels, moe, autocast)
         return step, (ExpertsProbe(model, "transformers") if moe else None), extra
 
     result = {"model": name, "workload": workload, "precision": precision, "flops_per_token": fpt,

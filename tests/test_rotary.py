@@ -1,43 +1,44 @@
-"""RoPE cos/sin on CPU come from a per-position table: exactly the values computed for the positions at hand."""
+"""RoPE cos/sin of a decode step run on one CPU thread (no OpenMP team forked between the engine's kernels),
+with the same values, and the caller's thread count restored."""
 
 from __future__ import annotations
 
 import torch
 
 from qwenlab.config import preset
-from qwenlab.model.layers import RotaryEmbedding
+from qwenlab.model.layers import RotaryEmbedding, one_cpu_thread
 
 
 def _direct(rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype):
     inv_freq, factor = rotary._inv_freq(positions)
-    cos, sin = rotary._compute(positions, inv_freq, factor)
-    return cos.to(dtype), sin.to(dtype)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
 
 
-def test_table_values_equal_direct_computation_bit_for_bit():
-    for config in (preset("qwen3-0.6b"), preset("qwen2.5-0.5b", rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                                                             "original_max_position_embeddings": 32768})):
-        rotary = RotaryEmbedding(config)
-        cases = [torch.tensor([0]), torch.tensor([[5, 6, 7]]), torch.arange(300).reshape(3, 100),
-                 torch.tensor([9000, 17, 4095])]  # the last grows the table past its first 4,096 rows
-        for positions in cases:
-            for dtype in (torch.float32, torch.bfloat16):
-                got, want = rotary(positions, dtype), _direct(rotary, positions, dtype)
-                assert got[0].shape == (*positions.shape, config.head_dim) and got[0].dtype == dtype
-                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        assert rotary._table[1].shape[0] == 16384  # grown by doubling to cover position 9000
-
-
-def test_positions_beyond_the_table_and_dynamic_rescaling_are_computed():
+def test_small_position_sets_run_on_one_thread_with_unchanged_values(monkeypatch):
+    torch.set_num_threads(2)
+    seen = []
+    cos = torch.Tensor.cos
+    monkeypatch.setattr(torch.Tensor, "cos", lambda self: seen.append(torch.get_num_threads()) or cos(self))
     rotary = RotaryEmbedding(preset("qwen3-0.6b"))
-    far = torch.tensor([RotaryEmbedding.TABLE_MAX + 5])
-    got = rotary(far, torch.float32)
-    assert rotary._table is None  # not tabulated
-    assert torch.equal(got[0], _direct(rotary, far, torch.float32)[0])
-    dynamic = RotaryEmbedding(preset("qwen3-0.6b", max_position_embeddings=64,
-                                     rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
-    long = torch.arange(100)
-    got = dynamic(long, torch.float32)  # past max_position_embeddings: a rescaled inv_freq, computed per call
-    assert torch.equal(got[0], _direct(dynamic, long, torch.float32)[0])
-    short = torch.arange(10)
-    assert torch.equal(dynamic(short, torch.float32)[1], _direct(dynamic, short, torch.float32)[1])
+    for positions, serial in ((torch.tensor([17]), True), (torch.arange(300).reshape(3, 100), True),
+                              (torch.arange(RotaryEmbedding.SERIAL_POSITIONS + 1), False)):
+        seen.clear()
+        got = rotary(positions, torch.bfloat16)
+        assert seen == [1 if serial else 2] and torch.get_num_threads() == 2
+        want = _direct(rotary, positions, torch.bfloat16)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_one_cpu_thread_restores_the_count_even_on_error():
+    torch.set_num_threads(2)
+    try:
+        with one_cpu_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            raise ValueError("boom")
+    except ValueError:
+        pass
+    assert torch.get_num_threads() == 2
+    with one_cpu_thread(torch.device("cpu"), enabled=False):
+        assert torch.get_num_threads() == 2

@@ -12,10 +12,9 @@ vocabulary order). Logprobs are the model's own (log-softmax of the raw logits, 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from ..model.layers import one_cpu_thread
 from . import kernels
 from .params import Logprob
 from .sequence import Sequence
@@ -33,7 +32,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  end_token_ids: tuple[int, ...] = ()) -> tuple[list[int], list[Logprob | None]]:
-        with _one_thread(logits.device):
+        with one_cpu_thread(logits.device):  # its vocabulary-wide ops would fork an OpenMP team
             return self._choose(logits, seqs, end_token_ids)
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence],
@@ -155,20 +154,3 @@ def _argmax(logits: torch.Tensor) -> list[int]:
     if module is not None and logits.dtype == torch.bfloat16 and logits.device.type == "cpu" and logits.dim() == 2:
         return module.argmax_bf16(logits).tolist()
     return logits.argmax(-1).tolist()
-
-
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Sampling on CPU runs on the calling thread alone. Its ops over a vocabulary-wide row (a dtype copy,
-    a clone for penalties, an index) are large enough for ATen to fork an OpenMP team, whose idle worker then
-    spins for milliseconds on the core the next decode step's kernels need (Qwen2.5's default repetition
-    penalty: 3 such ops per step). The work itself is a few hundred KB per row: one thread is enough."""
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

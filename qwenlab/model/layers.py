@@ -10,6 +10,8 @@ a plain causal forward, packed variable-length training rows and the engine's pa
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -86,23 +88,33 @@ def _yarn_inv_freq(config, scaling, factor, dim, base, exponents) -> tuple[torch
     return inv_freq, float(attention_factor)
 
 
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device, enabled: bool = True):
+    """Run the torch ops inside on the calling thread alone (CPU; restored after). For the small ops of a
+    decode step between the engine's own kernels: ATen and MKL fork an OpenMP team for them (MKL's vector
+    math for any size once ``torch.set_num_threads`` has been called, ATen for a vocabulary-wide row), and
+    the idle OpenMP worker then spins for milliseconds on the core the engine's decode threads need
+    (int8 decode on 2 cores: 35 -> 46 tokens/s). The work itself needs no second thread."""
+    threads = torch.get_num_threads() if enabled and device.type == "cpu" else 1
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions. Rebuilt lazily, so meta-device construction is free.
+    """cos/sin tables for given positions. Rebuilt lazily, so meta-device construction is free."""
 
-    On CPU the values come from a table of every position below a bound (grown by doubling up to
-    ``TABLE_MAX`` positions), gathered by index: elementwise the same float32 cos/sin as computing them
-    for the positions at hand (the table is built by the same expression), but a decode step then runs
-    no transcendental kernel. torch's float cos/sin go to MKL's vector math, which forks an OpenMP team for
-    any size once ``torch.set_num_threads`` has been called; the OpenMP worker then spins for milliseconds
-    on the core the engine's own decode threads need (int8 decode: 35 -> 46 tokens/s on 2 cores)."""
-
-    TABLE_MAX = 32768
+    SERIAL_POSITIONS = 4096  # up to this many positions (a decode step, a prefill chunk) on one CPU thread
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self._cache: tuple[torch.Tensor, float] | None = None
-        self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # inv_freq, cos, sin
 
     def _inv_freq(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.config.rope_type == "dynamic":
@@ -117,35 +129,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq, factor = self._inv_freq(positions)
-        if positions.device.type == "cpu" and positions.numel():
-            table = self._gather(positions, inv_freq, factor)
-            if table is not None:
-                return table[0].to(dtype), table[1].to(dtype)
-        cos, sin = self._compute(positions, inv_freq, factor)
-        return cos.to(dtype), sin.to(dtype)
-
-    @staticmethod
-    def _compute(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(device_type=positions.device.type, enabled=False):
+        with one_cpu_thread(positions.device, positions.numel() <= self.SERIAL_POSITIONS), \
+                torch.autocast(device_type=positions.device.type, enabled=False):
             freqs = positions.float()[..., None] * inv_freq  # [..., hd/2]
             emb = torch.cat((freqs, freqs), dim=-1)
-            return emb.cos() * factor, emb.sin() * factor
-
-    def _gather(self, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float):
-        """cos/sin of ``positions`` from the table, or None (positions out of its range, dynamic rescaling)."""
-        if self._cache is None or inv_freq is not self._cache[0]:
-            return None  # a dynamic-NTK rescaled inv_freq: computed per call
-        need = int(positions.max()) + 1
-        if int(positions.min()) < 0 or need > self.TABLE_MAX:
-            return None
-        if self._table is None or self._table[0] is not inv_freq or self._table[1].shape[0] < need:
-            size = max(need, 2 * self._table[1].shape[0] if self._table is not None else 4096)
-            size = min(self.TABLE_MAX, 1 << (size - 1).bit_length())
-            cos, sin = self._compute(torch.arange(size, device=positions.device), inv_freq, factor)
-            self._table = (inv_freq, cos, sin)
-        index = positions.reshape(-1).long()
-        shape = (*positions.shape, self._table[1].shape[-1])
-        return self._table[1].index_select(0, index).view(shape), self._table[2].index_select(0, index).view(shape)
+            cos, sin = emb.cos() * factor, emb.sin() * factor
+            return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,15 @@ def test_work_pool_with_two_threads_gives_the_same_results(ops):
         try:
             x = torch.randn(40, 96, generator=g)
             torch.testing.assert_close(ops.linear_bf16(x, w, None), F.linear(x, w.float()), rtol=1e-5, atol=1e-5)
+            # 2,500 weight rows: three equal blocks of 834 (the last 832), float output written in place
+            # by the sgemm, bf16 output through the rounding store; with a bias
+            wide, bias = torch.randn(2500, 96, generator=g).bfloat16(), torch.randn(2500, generator=g)
+            expected = F.linear(x, wide.float(), bias)
+            torch.testing.assert_close(ops.linear_bf16(x, wide, bias), expected, rtol=1e-5, atol=1e-5)
+            xb = x.bfloat16()
+            out = ops.linear_bf16(xb, wide, bias)
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out, F.linear(xb.float(), wide.float(), bias).bfloat16(), rtol=0, atol=0)
         finally:
             ops.set_blas_min_rows(128)  # the default
     finally:

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tests.conftest import hf_checkpoint, qwenlab_checkpoint, run_cli
 
 from qwenlab.checkpoint import load_model, save_model
@@ -118,6 +119,24 @@ def test_kernels_match_dequantized_reference(dtype, rows, K):
         block = _blockwise_linear(x, method, *parts[:2], bias, parts[2] if method == "int4" else None)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(block.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_blockwise_prefill_splits_weight_rows_into_equal_blocks(method, monkeypatch):
+    """Prefill's dequantized blocks: 70 rows at most 16 a block run as 5 equal blocks of 14; same product."""
+    import qwenlab.quant as quant
+
+    g = torch.Generator().manual_seed(11)
+    w, x, bias = torch.randn(70, 128, generator=g) * 0.05, torch.randn(33, 128, generator=g), torch.randn(70, generator=g)
+    parts = quantize_int8(w) if method == "int8" else quantize_int4(w, 64)
+    ref = x @ dequantize(method, *parts).t() + bias
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(quant.F, "linear", lambda a, b, c=None: calls.append(b.shape[0]) or real(a, b, c))
+    monkeypatch.setattr(quant, "_BLOCK_ROWS", 16)
+    out = _blockwise_linear(x, method, *parts[:2], bias, parts[2] if method == "int4" else None)
+    assert calls == [14] * 5
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_dequantize_rows_kernel_matches_the_torch_dequantization():

@@ -139,6 +139,49 @@ def test_blockwise_prefill_splits_weight_rows_into_equal_blocks(method, monkeypa
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_prefill_kernel_within_the_activation_rounding_bound(group):
+    """int4 prefill on int8 activation blocks: every output within the bound the rounding allows. Each x is
+    rounded to the nearest multiple of amax_g / 127 (amax_g: its group's largest |x|), so an output moves by at
+    most sum_g amax_g / 254 * sum_(k in g) |w_k|, plus float rounding. Tails of rows (1-5, 37) and of the
+    16-channel blocks (N = 17, 70), a bias, an outlier activation, float32 and bf16."""
+    module = kernels.load()
+    g = torch.Generator().manual_seed(12)
+    for rows, N in ((1, 17), (2, 70), (3, 17), (4, 33), (5, 16), (37, 70)):
+        K = 4 * group
+        w = torch.randn(N, K, generator=g) * 0.05
+        parts = quantize_int4(w, group)
+        deq = dequantize("int4", *parts)
+        x = torch.randn(rows, K, generator=g)
+        x[0, 5] = 30.0  # an outlier: only its own group pays for it
+        bias = torch.randn(N, generator=g)
+        amax = x.abs().reshape(rows, K // group, group).amax(-1)  # [rows, groups]
+        wabs = deq.abs().reshape(N, K // group, group).sum(-1)  # [N, groups]
+        bound = (amax / 254) @ wabs.t()  # [rows, N]
+        ref = x.double() @ deq.double().t() + bias.double()
+        out = module.linear_prefill_int4(x, list(parts), bias)
+        assert out.dtype == torch.float32 and out.shape == (rows, N)
+        excess = (out.double() - ref).abs() - (bound.double() * 1.0001 + 1e-4)
+        assert excess.max() <= 0, (rows, N, excess.max().item())
+        assert (out.double() - ref).abs().max() > 0  # the activations really were rounded
+        xb = x.bfloat16()  # bf16 activations in, bf16 out (one more rounding of the output)
+        outb = module.linear_prefill_int4(xb, list(parts), bias)
+        assert outb.dtype == torch.bfloat16
+        refb = xb.double() @ deq.double().t() + bias.double()
+        assert ((outb.double() - refb).abs() - (bound.double() * 1.0001 + 1e-4 + refb.abs() / 128)).max() <= 0
+
+
+def test_int4_prefill_rows_take_the_prefill_kernel():
+    """More than PREFILL_ROWS rows of an int4 layer go to linear_prefill_int4 (int8 keeps the sgemm route)."""
+    g = torch.Generator().manual_seed(13)
+    w, x = torch.randn(48, 128, generator=g) * 0.05, torch.randn(40, 128, generator=g)
+    q, s, m = quantize_int4(w, 64)
+    routed = quant_linear(x, "int4", q, s, 64, None, m)
+    assert torch.equal(routed, kernels.load().linear_prefill_int4(x, [q, s, m], None))
+    q8, s8 = quantize_int8(w)
+    torch.testing.assert_close(quant_linear(x, "int8", q8, s8), x @ dequantize("int8", q8, s8).t(), rtol=1e-5, atol=1e-5)
+
+
 def test_dequantize_rows_kernel_matches_the_torch_dequantization():
     """The prefill route's one-pass dequantization: int8 bit-exact, int4 within float rounding (one FMA)."""
     module = kernels.load()

@@ -7,7 +7,9 @@
 Every nn.Linear (attention, MLP, shared expert, LM head), the token embedding and the stacked MoE experts
 are quantized; router weights (``mlp.gate``, ``shared_expert_gate``), norms and biases stay as they are.
 Activations stay float32/bf16: a layer computes x @ dequant(W).T, on CPU through the AVX2 kernels of
-``qwenlab.quant.kernels`` for few rows (decode) and by dequantizing blocks of rows for many (prefill).
+``qwenlab.quant.kernels`` for few rows (decode) and by dequantizing blocks of rows for many (prefill). The
+one exception is int4 prefill on CPU, which rounds the activations to int8 per weight group (as llama.cpp
+rounds them to its Q8 blocks) to run the products on the integer unit, ~1.75x faster; docs/quantization.md.
 
 Formats:
 * int8 (symmetric, per output channel): ``qweight`` int8 [N, K] with q in [-127, 127]; ``scales`` float32
@@ -180,12 +182,17 @@ def quant_linear(x: torch.Tensor, method: str, q: torch.Tensor, scales: torch.Te
         return _kernels(x.device).linear(x, [q, scales] if method == "int8" else [q, scales, mins], bias)
     if route == "device":
         return _device_linear(x, method, q, scales, bias, mins)
+    module = _kernels(x.device) if method == "int4" else None
+    if module is not None and x.dtype in (torch.float32, torch.bfloat16):
+        # int4 prefill: products on int8 activation blocks (vpmaddubsw), ~1.75x the dequantize + sgemm route
+        return module.linear_prefill_int4(x, [q, scales, mins], bias)
     return _blockwise_linear(x, method, q, scales, bias, mins)
 
 
 def linear_route(x: torch.Tensor) -> str:
     """Which path ``quant_linear`` takes for x: "kernel" (CPU AVX2 kernels, up to PREFILL_ROWS rows),
-    "blockwise" (CPU otherwise: dequantized blocks + float32 sgemm) or "device" (CUDA and other devices)."""
+    "blockwise" (CPU otherwise: int8 dequantized blocks + float32 sgemm; int4 the AVX2 prefill kernel on int8
+    activation blocks when compiled) or "device" (CUDA and other devices)."""
     if x.device.type != "cpu":
         return "device"
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

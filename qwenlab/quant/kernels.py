@@ -505,6 +505,171 @@ torch::Tensor dequantize_rows(std::vector<torch::Tensor> weight, int64_t n0, int
   return out;
 }
 
+// ---- int4 prefill: products on int8 activations ----
+// Prefill is compute-bound, and on AVX2 without VNNI a float FMA does 8 products. vpmaddubsw does 32 (bytes x
+// bytes, pairs summed into int16): the int4 codes (0..15, unsigned) times activations rounded to int8 per weight
+// group (like llama.cpp's Q8 activation blocks; about 0.4% of the group's largest value per element, the
+// measured logit drift is in docs/quantization.md). Products are exact: a pair is at most 2 * 15 * 127, so 8
+// steps sum in int16 before vpmaddwd widens them; one float FMA per 32 values applies scale(w) * scale(x).
+// Each block of 16 output channels is first repacked (its codes as [K/4][16][4] bytes: four consecutive codes
+// of one channel in one 32-bit lane) and then serves every row of x: lanes are output channels, the 4 codes of
+// a lane meet a broadcast of the same 4 activations.
+namespace {
+struct XQ8 {
+  int64_t M = 0, K = 0, G = 0, ng = 0;
+  std::vector<int8_t> q;      // [M, K]
+  std::vector<float> s, sum;  // [M, ng]: block scale, block sum of the float x (the min term)
+};
+
+void quantize8(const float* x, int64_t M, int64_t K, int64_t G, XQ8& o) {
+  o.M = M; o.K = K; o.G = G; o.ng = K / G;
+  o.q.resize(M * K); o.s.resize(M * o.ng); o.sum.resize(M * o.ng);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++)
+      for (int64_t g = 0; g < o.ng; g++) {
+        const float* xr = x + m * K + g * G;
+        __m256 mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
+        for (int64_t k = 0; k < G; k += 8) {
+          const __m256 v = _mm256_loadu_ps(xr + k);
+          mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+          sm = _mm256_add_ps(sm, v);
+        }
+        float t[8], amax = 0.f;
+        _mm256_storeu_ps(t, mx);
+        for (int i = 0; i < 8; i++) amax = std::max(amax, t[i]);
+        o.s[m * o.ng + g] = amax / 127.f;
+        o.sum[m * o.ng + g] = hsum(sm);
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        for (int64_t k = 0; k < G; k += 32) {
+          __m256i v[4];
+          for (int i = 0; i < 4; i++) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8 * i), inv));
+          const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.q.data() + m * K + g * G + k),
+                              _mm256_permutevar8x32_epi32(p, order));
+        }
+      }
+  });
+}
+
+constexpr int64_t P4 = 16;  // output channels per repacked block
+
+// Channels [n0, n0 + nc) of w (nc <= 16; missing channels get code 0, scale 0, min 0) into panel
+// [K/4][16] uint32 (4 codes each), scales and mins [ng][16] float.
+void pack_i4(const QW& w, int64_t n0, int64_t nc, std::vector<uint8_t>& codes, std::vector<uint32_t>& panel,
+             std::vector<float>& sc, std::vector<float>& mn) {
+  const int64_t K = w.K, ng = K / w.G;
+  codes.assign(P4 * K, 0);
+  const __m128i low = _mm_set1_epi8(0x0F);
+  for (int64_t c = 0; c < nc; c++) {
+    const uint8_t* row = w.q4 + (n0 + c) * (K / 2);
+    uint8_t* dst = codes.data() + c * K;
+    for (int64_t k = 0; k < K; k += 32) {  // a run of 32: byte t = code t (low nibble), t + 16 (high)
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), _mm_and_si128(b, low));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k + 16), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+    }
+  }
+  panel.resize(K / 4 * P4);
+  for (int64_t q = 0; q < K / 4; q++)
+    for (int64_t c = 0; c < P4; c++) std::memcpy(&panel[q * P4 + c], codes.data() + c * K + 4 * q, 4);
+  sc.assign(ng * P4, 0.f); mn.assign(ng * P4, 0.f);
+  for (int64_t c = 0; c < nc; c++)
+    for (int64_t g = 0; g < ng; g++) {
+      sc[g * P4 + c] = half_f(w.s4[(n0 + c) * ng + g]);
+      mn[g * P4 + c] = half_f(w.m4[(n0 + c) * ng + g]);
+    }
+}
+
+// out[i * 16 + c] = x[m + i] . dequant(w[n0 + c]) for i < MR.
+template <int MR>
+inline void i4_tile(const XQ8& x, int64_t m, const uint32_t* panel, const float* sc, const float* mn, float* out) {
+  const int64_t K = x.K, G = x.G, ng = x.ng;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 f[MR][2];
+  for (int i = 0; i < MR; i++) f[i][0] = f[i][1] = _mm256_setzero_ps();
+  const int8_t* xr[MR];
+  for (int i = 0; i < MR; i++) xr[i] = x.q.data() + (m + i) * K;
+  for (int64_t g = 0; g < ng; g++) {
+    const __m256 s0 = _mm256_loadu_ps(sc + g * P4), s1 = _mm256_loadu_ps(sc + g * P4 + 8);
+    for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += 32) {  // 8 steps of 4 codes, then widen
+      __m256i a[MR][2];
+      for (int i = 0; i < MR; i++) a[i][0] = a[i][1] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k0 + 32; k += 4) {
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (k / 4) * P4));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (k / 4) * P4 + 8));
+        for (int i = 0; i < MR; i++) {
+          int32_t quad;
+          std::memcpy(&quad, xr[i] + k, 4);
+          const __m256i xb = _mm256_set1_epi32(quad);
+          a[i][0] = _mm256_add_epi16(a[i][0], _mm256_maddubs_epi16(w0, xb));
+          a[i][1] = _mm256_add_epi16(a[i][1], _mm256_maddubs_epi16(w1, xb));
+        }
+      }
+      for (int i = 0; i < MR; i++) {
+        const __m256 sx = _mm256_set1_ps(x.s[(m + i) * ng + g]);
+        f[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a[i][0], ones)), _mm256_mul_ps(s0, sx), f[i][0]);
+        f[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a[i][1], ones)), _mm256_mul_ps(s1, sx), f[i][1]);
+      }
+    }
+    const __m256 m0 = _mm256_loadu_ps(mn + g * P4), m1 = _mm256_loadu_ps(mn + g * P4 + 8);
+    for (int i = 0; i < MR; i++) {
+      const __m256 xs = _mm256_set1_ps(x.sum[(m + i) * ng + g]);
+      f[i][0] = _mm256_fmadd_ps(m0, xs, f[i][0]);
+      f[i][1] = _mm256_fmadd_ps(m1, xs, f[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; i++) {
+    _mm256_storeu_ps(out + i * P4, f[i][0]);
+    _mm256_storeu_ps(out + i * P4 + 8, f[i][1]);
+  }
+}
+}  // namespace
+
+// y = x @ dequant(w).T (+ bias) for an int4 weight and many rows (prefill), on int8 activation blocks
+// (one per weight group); y in x's dtype.
+torch::Tensor linear_prefill_int4(torch::Tensor x, std::vector<torch::Tensor> weight, c10::optional<torch::Tensor> bias) {
+  const QW w = make_qw(weight);
+  TORCH_CHECK(w.kind == 4, "linear_prefill_int4: an int4 weight");
+  const int64_t K = w.K, N = w.N;
+  TORCH_CHECK(x.size(-1) == K, "x and the weight disagree on K");
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  std::vector<float> xb;
+  XQ8 xq;
+  quantize8(as_float(x2, xb), M, K, w.G, xq);
+  torch::Tensor bk;
+  const float* bp = opt_float(bias, bk);
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto out = torch::empty(sizes, x.options());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  void* op = out.data_ptr();
+  at::parallel_for(0, (N + P4 - 1) / P4, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> codes;
+    std::vector<uint32_t> panel;
+    std::vector<float> sc, mn;
+    float t[3 * P4];
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t n0 = b * P4, nc = std::min(P4, N - n0);
+      pack_i4(w, n0, nc, codes, panel, sc, mn);
+      auto put = [&](int64_t m, int rows) {
+        for (int i = 0; i < rows; i++)
+          for (int64_t c = 0; c < nc; c++) {
+            const float v = t[i * P4 + c] + (bp ? bp[n0 + c] : 0.f);
+            if (bf16) static_cast<uint16_t*>(op)[(m + i) * N + n0 + c] = f_to_bf16(v);
+            else static_cast<float*>(op)[(m + i) * N + n0 + c] = v;
+          }
+      };
+      int64_t m = 0;
+      for (; m + 3 <= M; m += 3) { i4_tile<3>(xq, m, panel.data(), sc.data(), mn.data(), t); put(m, 3); }
+      for (; m < M; m++) { i4_tile<1>(xq, m, panel.data(), sc.data(), mn.data(), t); put(m, 1); }
+    }
+  });
+  return out;
+}
+
 // ---- int4 scale search (quantization time) ----
 namespace {
 inline float half_round(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
@@ -870,7 +1035,7 @@ torch::Tensor plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, torch::
 }
 """
 
-_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "set_paged_decode", "set_prefetch", "int4_search", "dequantize_rows", "plan_create", "plan_run",
+_FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "set_paged_decode", "set_prefetch", "int4_search", "dequantize_rows", "linear_prefill_int4", "plan_create", "plan_run",
               "plan_free"]
 _module = None
 _failed = False

@@ -180,6 +180,11 @@ def test_int4_prefill_rows_take_the_prefill_kernel():
     assert torch.equal(routed, kernels.load().linear_prefill_int4(x, [q, s, m], None))
     q8, s8 = quantize_int8(w)
     torch.testing.assert_close(quant_linear(x, "int8", q8, s8), x @ dequantize("int8", q8, s8).t(), rtol=1e-5, atol=1e-5)
+    # non-contiguous int4 storage (a strided view) takes the dequantizing route instead of failing
+    q2, s2, m2 = (torch.cat([t, t], 1)[:, :t.shape[1]] for t in (q, s, m))
+    assert not q2.is_contiguous()
+    torch.testing.assert_close(quant_linear(x, "int4", q2, s2, 64, None, m2), x @ dequantize("int4", q, s, m).t(),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_dequantize_rows_kernel_matches_the_torch_dequantization():

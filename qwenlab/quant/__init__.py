@@ -183,7 +183,8 @@ def quant_linear(x: torch.Tensor, method: str, q: torch.Tensor, scales: torch.Te
     if route == "device":
         return _device_linear(x, method, q, scales, bias, mins)
     module = _kernels(x.device) if method == "int4" else None
-    if module is not None and x.dtype in (torch.float32, torch.bfloat16):
+    if (module is not None and x.dtype in (torch.float32, torch.bfloat16)
+            and q.is_contiguous() and scales.is_contiguous() and mins.is_contiguous()):
         # int4 prefill: products on int8 activation blocks (vpmaddubsw), ~1.75x the dequantize + sgemm route
         return module.linear_prefill_int4(x, [q, scales, mins], bias)
     return _blockwise_linear(x, method, q, scales, bias, mins)

@@ -144,11 +144,13 @@ def test_int4_prefill_kernel_within_the_activation_rounding_bound(group):
     """int4 prefill on int8 activation blocks: every output within the bound the rounding allows. Each x is
     rounded to the nearest multiple of amax_g / 127 (amax_g: its group's largest |x|), so an output moves by at
     most sum_g amax_g / 254 * sum_(k in g) |w_k|, plus float rounding. Tails of rows (1-5, 37) and of the
-    16-channel blocks (N = 17, 70), a bias, an outlier activation, float32 and bf16."""
+    16-channel blocks (N = 17, 70), K over several 1,024-code chunks, a bias, an outlier activation, float32
+    and bf16."""
     module = kernels.load()
     g = torch.Generator().manual_seed(12)
-    for rows, N in ((1, 17), (2, 70), (3, 17), (4, 33), (5, 16), (37, 70)):
-        K = 4 * group
+    for rows, N, K in ((1, 17, 4 * group), (2, 70, 4 * group), (3, 17, 4 * group), (4, 33, 4 * group),
+                       (5, 16, 4 * group), (37, 70, 4 * group), (7, 20, 2560 if group != 128 else 2688)):
+        # the last: K in chunks of 1,024 codes (2 full chunks and a partial one) accumulated across chunks
         w = torch.randn(N, K, generator=g) * 0.05
         parts = quantize_int4(w, group)
         deq = dequantize("int4", *parts)

@@ -582,16 +582,20 @@ void pack_i4(const QW& w, int64_t n0, int64_t nc, std::vector<uint8_t>& codes, s
     }
 }
 
-// out[i * 16 + c] = x[m + i] . dequant(w[n0 + c]) for i < MR.
+// acc[i * 16 + c] += the groups [g0, g1) of x[m + i] . dequant(w[n0 + c]) for i < MR.
 template <int MR>
-inline void i4_tile(const XQ8& x, int64_t m, const uint32_t* panel, const float* sc, const float* mn, float* out) {
+inline void i4_tile(const XQ8& x, int64_t m, int64_t g0, int64_t g1, const uint32_t* panel, const float* sc,
+                    const float* mn, float* acc) {
   const int64_t K = x.K, G = x.G, ng = x.ng;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 f[MR][2];
-  for (int i = 0; i < MR; i++) f[i][0] = f[i][1] = _mm256_setzero_ps();
+  for (int i = 0; i < MR; i++) {
+    f[i][0] = _mm256_loadu_ps(acc + i * P4);
+    f[i][1] = _mm256_loadu_ps(acc + i * P4 + 8);
+  }
   const int8_t* xr[MR];
   for (int i = 0; i < MR; i++) xr[i] = x.q.data() + (m + i) * K;
-  for (int64_t g = 0; g < ng; g++) {
+  for (int64_t g = g0; g < g1; g++) {
     const __m256 s0 = _mm256_loadu_ps(sc + g * P4), s1 = _mm256_loadu_ps(sc + g * P4 + 8);
     for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += 32) {  // 8 steps of 4 codes, then widen
       __m256i a[MR][2];
@@ -621,8 +625,8 @@ inline void i4_tile(const XQ8& x, int64_t m, const uint32_t* panel, const float*
     }
   }
   for (int i = 0; i < MR; i++) {
-    _mm256_storeu_ps(out + i * P4, f[i][0]);
-    _mm256_storeu_ps(out + i * P4 + 8, f[i][1]);
+    _mm256_storeu_ps(acc + i * P4, f[i][0]);
+    _mm256_storeu_ps(acc + i * P4 + 8, f[i][1]);
   }
 }
 }  // namespace
@@ -649,22 +653,26 @@ torch::Tensor linear_prefill_int4(torch::Tensor x, std::vector<torch::Tensor> we
   at::parallel_for(0, (N + P4 - 1) / P4, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> codes;
     std::vector<uint32_t> panel;
-    std::vector<float> sc, mn;
-    float t[3 * P4];
+    std::vector<float> sc, mn, acc(M * P4);
+    // K in chunks of about 1,024 codes, so that a chunk of the panel (16 KiB) stays in L1 while every row
+    // passes: with the whole panel of K = 3,072 in L2 the products ran at 0.6x the K = 1,024 rate
+    const int64_t ng = K / w.G, chunk = std::max<int64_t>(1, 1024 / w.G);
     for (int64_t b = b0; b < b1; b++) {
       const int64_t n0 = b * P4, nc = std::min(P4, N - n0);
       pack_i4(w, n0, nc, codes, panel, sc, mn);
-      auto put = [&](int64_t m, int rows) {
-        for (int i = 0; i < rows; i++)
-          for (int64_t c = 0; c < nc; c++) {
-            const float v = t[i * P4 + c] + (bp ? bp[n0 + c] : 0.f);
-            if (bf16) static_cast<uint16_t*>(op)[(m + i) * N + n0 + c] = f_to_bf16(v);
-            else static_cast<float*>(op)[(m + i) * N + n0 + c] = v;
-          }
-      };
-      int64_t m = 0;
-      for (; m + 3 <= M; m += 3) { i4_tile<3>(xq, m, panel.data(), sc.data(), mn.data(), t); put(m, 3); }
-      for (; m < M; m++) { i4_tile<1>(xq, m, panel.data(), sc.data(), mn.data(), t); put(m, 1); }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t g0 = 0; g0 < ng; g0 += chunk) {
+        const int64_t g1 = std::min(ng, g0 + chunk);
+        int64_t m = 0;
+        for (; m + 3 <= M; m += 3) i4_tile<3>(xq, m, g0, g1, panel.data(), sc.data(), mn.data(), acc.data() + m * P4);
+        for (; m < M; m++) i4_tile<1>(xq, m, g0, g1, panel.data(), sc.data(), mn.data(), acc.data() + m * P4);
+      }
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < nc; c++) {
+          const float v = acc[m * P4 + c] + (bp ? bp[n0 + c] : 0.f);
+          if (bf16) static_cast<uint16_t*>(op)[m * N + n0 + c] = f_to_bf16(v);
+          else static_cast<float*>(op)[m * N + n0 + c] = v;
+        }
     }
   });
   return out;

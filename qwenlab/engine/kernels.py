@@ -387,12 +387,15 @@ void gemm_blas(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
   }
 }
 
+// Whether M rows take the BLAS route (prefill): then the work around the sgemm runs on ATen's threads too.
+inline bool blas_rows(int64_t M) { return blas_min_rows > 0 && M >= blas_min_rows; }
+
 template <typename OutT>
 void gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, OutT* out,
                const float* bias = nullptr) {
   constexpr int64_t BLOCK = 16;
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-  if (blas_min_rows > 0 && M >= blas_min_rows) {
+  if (blas_rows(M)) {
     gemm_blas(x, M, K, w, N, out, bias);
     return;
   }
@@ -700,7 +703,7 @@ torch::Tensor mlp_bf16(torch::Tensor x, torch::Tensor w_gate, torch::Tensor w_up
       g[i] = rnd(rnd(gate / (1.f + std::exp(-gate)), bf16) * rnd(u[i], bf16), bf16);
     }
   };
-  if (T >= blas_min_rows && blas_min_rows > 0) at::parallel_for(0, T * I, 4096, act);  // prefill: OpenMP, as the sgemm
+  if (blas_rows(T)) at::parallel_for(0, T * I, 4096, act);  // prefill: OpenMP, as the sgemm
   else act(0, T * I);
   auto sizes = x.sizes().vec();
   sizes.back() = N;
@@ -824,7 +827,7 @@ const uint16_t* bf16_matrix(DecodePlan& plan, const torch::Tensor& t, int64_t ro
 
 // Whether gemm_bf16 would hand M rows to the BLAS or the packed kernel (then the plan calls it as is).
 inline bool gemm_route(int64_t M) {
-  return (blas_min_rows > 0 && M >= blas_min_rows) || (packed_min_rows > 0 && M >= packed_min_rows);
+  return blas_rows(M) || (packed_min_rows > 0 && M >= packed_min_rows);
 }
 
 // Output rows [n0, n1) of out[M, N] = x[M, K] @ w.T (+ bias), by the same routine gemm_bf16 picks for M.

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 64
-PREFILL_ROWS = 16  # above this many rows, dequantize blocks of weight rows and use the stock matmul
+PREFILL_ROWS = 16  # above this many rows, the prefill routes (int8: dequantized blocks + sgemm; int4: int8 activations)
 # Prefill dequantizes blocks of weight rows for the sgemm: about _BLOCK_ROWS rows a block (blocks of equal
 # size, no small remainder), at most _BLOCK_ELEMENTS values. Measured on 512 x K x N products (K, N of
 # Qwen2.5-0.5B / Qwen3-0.6B): 850-1400 rows kept the sgemm at 155-175 GFLOP/s on every shape, where blocks

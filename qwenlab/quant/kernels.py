@@ -16,12 +16,14 @@ two cores.
 * ``attention_inputs(x, wq, wk, wv, bq, bk, bv, q_norm, k_norm, cos, sin, eps, heads, kv_heads, D)``: the
   q/k/v projections in one parallel region, Qwen3's q/k RMSNorm, RoPE (transformers' roundings for bf16),
   returning q [1, H, T, D], k, v [1, Hkv, T, D] like the engine's bf16 ``attention_inputs``;
-* ``mlp(x, w_gate, w_up, w_down)``: SwiGLU, gate and up in one parallel region.
+* ``mlp(x, w_gate, w_up, w_down)``: SwiGLU, gate and up in one parallel region;
+* ``linear_prefill_int4(x, [qweight, scales, mins], bias)``: int4 products for many rows (prefill) on int8
+  activation blocks (``vpmaddubsw``, see its comment: the one place where activations are rounded coarser
+  than bf16); ``dequantize_rows`` feeds int8 prefill to the stock sgemm.
 
 Weights: int8 ``qweight`` [N, K] + float32 ``scales`` [N]; int4 ``qweight`` uint8 [N, K/2] (codes 0..15,
 runs of 32 values: byte j holds value j low, j + 16 high) + float16 ``scales`` and ``mins`` [N, K/G],
-w = scale * code + min. Meant for few rows (decode, small batches); the caller dequantizes blocks of
-weights for prefill.
+w = scale * code + min.
 """
 
 from __future__ import annotations
@@ -106,33 +108,39 @@ void xq_prepare(int64_t M, int64_t K, int64_t B, XQ& q) {
   q.xs.resize(M * q.nb); q.xsum.resize(M * q.nb);
 }
 
+// Largest |x[k]| and the sum of x[k] over k in [k0, k1) (activation blocks of decode and of int4 prefill).
+inline void block_stats(const float* x, int64_t k0, int64_t k1, float& amax, float& sum) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+    sm = _mm256_add_ps(sm, v);
+  }
+  amax = 0.f;
+  sum = hsum(sm);
+  float t[8];
+  _mm256_storeu_ps(t, mx);
+  for (int i = 0; i < 8; i++) amax = std::max(amax, t[i]);
+  for (; k < k1; k++) { amax = std::max(amax, std::fabs(x[k])); sum += x[k]; }
+}
+
 // Blocks [b0, b1) of every row of x ([M, ldx] float, values k < q.K) into q (sized by xq_prepare).
 void quantize_blocks(const float* x, int64_t ldx, int64_t b0, int64_t b1, XQ& q) {
   const int64_t K = q.K, B = q.B;
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = 0; m < q.M; m++)
     for (int64_t b = b0; b < b1; b++) {
       const int64_t k0 = b * B, k1 = std::min(K, k0 + B);
       const float* xr = x + m * ldx;
-      __m256 mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
-      int64_t k = k0;
-      for (; k + 8 <= k1; k += 8) {
-        const __m256 v = _mm256_loadu_ps(xr + k);
-        mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
-        sm = _mm256_add_ps(sm, v);
-      }
-      float amax = 0.f, sum = hsum(sm);
-      {
-        float t[8]; _mm256_storeu_ps(t, mx);
-        for (int i = 0; i < 8; i++) amax = std::max(amax, t[i]);
-      }
-      for (int64_t kk = k; kk < k1; kk++) { amax = std::max(amax, std::fabs(xr[kk])); sum += xr[kk]; }
+      float amax, sum;
+      block_stats(xr, k0, k1, amax, sum);
       const float scale = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
       q.xs[m * q.nb + b] = scale;
       q.xsum[m * q.nb + b] = sum;
       int16_t* dst = q.xi.data() + m * q.ld;
       const __m256 iv = _mm256_set1_ps(inv);
-      k = k0;
+      int64_t k = k0;
       for (; k + 16 <= k1; k += 16) {
         __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), iv));
         __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), iv));
@@ -524,23 +532,15 @@ struct XQ8 {
 void quantize8(const float* x, int64_t M, int64_t K, int64_t G, XQ8& o) {
   o.M = M; o.K = K; o.G = G; o.ng = K / G;
   o.q.resize(M * K); o.s.resize(M * o.ng); o.sum.resize(M * o.ng);
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; m++)
       for (int64_t g = 0; g < o.ng; g++) {
         const float* xr = x + m * K + g * G;
-        __m256 mx = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
-        for (int64_t k = 0; k < G; k += 8) {
-          const __m256 v = _mm256_loadu_ps(xr + k);
-          mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
-          sm = _mm256_add_ps(sm, v);
-        }
-        float t[8], amax = 0.f;
-        _mm256_storeu_ps(t, mx);
-        for (int i = 0; i < 8; i++) amax = std::max(amax, t[i]);
+        float amax, sum;
+        block_stats(xr, 0, G, amax, sum);
         o.s[m * o.ng + g] = amax / 127.f;
-        o.sum[m * o.ng + g] = hsum(sm);
+        o.sum[m * o.ng + g] = sum;
         const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         for (int64_t k = 0; k < G; k += 32) {
           __m256i v[4];

@@ -3,10 +3,19 @@ with the same values, and the caller's thread count restored."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qwenlab.config import preset
 from qwenlab.model.layers import RotaryEmbedding, one_cpu_thread
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The tests set two intra-op threads; the worker's count is put back after each."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
 
 
 def _direct(rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype):

@@ -51,6 +51,53 @@ def test_paged_decode_attention(ops, cache_dtype):
                                rtol=1e-5, atol=1e-5)
 
 
+def _causal_reference(q, k, v, scale, offset):
+    """float64 attention with the bottom-right causal mask (query i sees keys <= offset + i), GQA by repeat."""
+    n, ctx = q.shape[2], k.shape[2]
+    groups = q.shape[1] // k.shape[1]
+    keys, values = (t.double().repeat_interleave(groups, dim=1) for t in (k, v))
+    scores = (q.double() @ keys.transpose(-1, -2)) * scale
+    visible = torch.arange(ctx)[None, :] <= torch.arange(offset, offset + n)[:, None]
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ values
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,n,offset,scale", [
+    (6, 2, 40, 77, 0, 0.16),     # head_dim not a multiple of 8, n not a multiple of the row blocks
+    (7, 7, 64, 300, 0, 0.125),   # no GQA; keys cross a 256-key block
+    (14, 2, 64, 520, 0, 0.125),  # Qwen2.5-0.5B's groups (7 heads a KV head: 18-row blocks)
+    (4, 1, 128, 1, 9, 0.09),     # one query after 9 cached tokens
+    (4, 2, 32, 100, 700, 0.18),  # a later chunk: every key block before the chunk's own
+    (4, 2, 16, 40, 0, 3.0),      # large scores (up to ~100): the running maximum and rescaling must hold
+])
+def test_prefill_attention(ops, threads, dtype, heads, kv_heads, dim, n, offset, scale):
+    torch.set_num_threads(threads)  # the autouse fixture restores the count
+    g = torch.Generator().manual_seed(n + offset + heads)
+    ctx = offset + n
+    # the engine's layout: [1, T, heads, dim] projections seen as [1, heads, T, dim] (strided)
+    q = torch.randn(1, n, heads, dim, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(1, ctx, kv_heads, dim, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(1, ctx, kv_heads, dim, generator=g).to(dtype).transpose(1, 2)
+    got = ops.prefill_attention(q, k, v, scale, offset)
+    assert got.shape == (1, heads, n, dim) and got.dtype == dtype
+    expected = _causal_reference(q, k, v, scale, offset)
+    # float32: the scores' own rounding, relative to their size (~scale * sqrt(dim)); bf16: the output's rounding
+    tol = 2e-6 * max(1.0, scale * dim ** 0.5) if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
+    if offset == 0 and n > 1:  # and the same as the SDPA call it replaces, within the same rounding
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=heads != kv_heads)
+        torch.testing.assert_close(got.float(), sdpa.float(), rtol=tol * 2, atol=tol * 2)
+
+
+def test_prefill_attention_rejects_bad_input(ops):
+    q = torch.randn(1, 4, 5, 8)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        ops.prefill_attention(q, q[:, :2].bfloat16(), q[:, :2], 0.3, 0)
+    with pytest.raises(RuntimeError, match="shapes"):
+        ops.prefill_attention(q, q[:, :2], q[:, :2], 0.3, 1)  # 5 queries after 1 cached token need 6 keys
+
+
 def test_moe_experts(ops):
     g = torch.Generator().manual_seed(1)
     gate_up = (torch.randn(6, 20, 24, generator=g) * 0.3).bfloat16()

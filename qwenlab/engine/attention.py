@@ -4,9 +4,10 @@ Each layer first writes the new tokens' keys and values into its cache at ``slot
 
 * decode rows (one new token) all at once: the CPU kernel reads the blocks in place; otherwise (CUDA,
   or no compiler) the rows' blocks are gathered, padded to the longest, and masked in one SDPA call;
-* prefill chunks one sequence at a time with SDPA: a chunk that starts a sequence attends to its own
-  fresh keys (plain causal); a later chunk attends to every cached key of its sequence, causal at the
-  bottom-right (query i at position ``ctx - n + i`` sees keys ``<= ctx - n + i``).
+* prefill chunks one sequence at a time: a chunk that starts a sequence attends to its own fresh keys
+  (plain causal); a later chunk attends to every cached key of its sequence, causal at the bottom-right
+  (query i at position ``ctx - n + i`` sees keys ``<= ctx - n + i``). On CPU the kernels' ``prefill_attention``
+  (flash-attention order on the BLAS sgemm, about 2x torch's SDPA at 512 tokens); otherwise SDPA.
 
 Shapes: q [1, num_heads, T, head_dim], k/v [1, num_kv_heads, T, head_dim] (T = all tokens of the step);
 cache per layer [num_blocks, block_size, num_kv_heads, head_dim].
@@ -43,6 +44,9 @@ class PagedAttention:
         self.block_size = block_size
         self.kernels = kernels
         self._prefill_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per row, shared by all layers
+        # the CPU kernel's causal prefill attention (sgemm-based flash attention, ~2x SDPA at 512 tokens)
+        self._cpu_prefill = bool(kernels is not None and kv_caches and kv_caches[0][0].device.type == "cpu"
+                                 and kernels.has_sgemm())
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer_idx]
@@ -75,10 +79,15 @@ class PagedAttention:
     def _prefill(self, row: int, q, k, v, k_cache, v_cache, scale: float) -> torch.Tensor:
         n, ctx = q.shape[2], self.meta.context_lens[row]
         if ctx == n:  # the chunk starts the sequence: its own keys are all there is
+            keys, values, mask = k, v, None
+        else:
+            index, mask = self._prefill_inputs.get(row) or self._make_prefill_inputs(row, n, ctx, q.device)
+            keys = k_cache[index].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)  # [1, nkv, ctx, hd]
+            values = v_cache[index].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
+        if self._cpu_prefill and keys.dtype == q.dtype and q.dtype in (torch.float32, torch.bfloat16):
+            return self.kernels.prefill_attention(q, keys, values, scale, ctx - n)
+        if mask is None:
             return sdpa(q, k, v, scale, is_causal=n > 1)
-        index, mask = self._prefill_inputs.get(row) or self._make_prefill_inputs(row, n, ctx, q.device)
-        keys = k_cache[index].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)  # [1, nkv, ctx, hd]
-        values = v_cache[index].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
         return sdpa(q, keys.to(q.dtype), values.to(q.dtype), scale, attn_mask=mask)
 
     def _make_prefill_inputs(self, row: int, n: int, ctx: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,6 +49,8 @@ _SOURCE = r"""
 #include <mutex>
 #include <thread>
 #include <unistd.h>
+#include <dlfcn.h>
+#include <algorithm>
 
 namespace {
 
@@ -590,6 +592,175 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                       tables.size(1), float(scale));
   }
   return out.to(q.scalar_type());
+}
+
+// ---- prefill attention: causal, GQA, on MKL's sgemm ---------------------------------------------------
+// Flash-attention order (online softmax over key blocks) with both products on the BLAS: each task is one
+// KV head and a block of query rows of all its G query heads stacked (~128 rows, so the sgemm sees
+// [128 x D] . [D x 256] and [128 x 256] . [256 x D]); tasks go heaviest first to whichever thread is free.
+// At 512 tokens this is about 2x torch's CPU flash attention (Qwen3-0.6B / Qwen2.5-0.5B heads), 1.2-1.3x at 2K.
+// The sgemm is looked up at run time (torch's MKL exports the Fortran symbol): without one, Python keeps SDPA.
+namespace {
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+sgemm_fn find_sgemm() {
+  void* f = dlsym(RTLD_DEFAULT, "sgemm_");
+  if (!f) {
+    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) f = dlsym(lib, "sgemm_");
+  }
+  return reinterpret_cast<sgemm_fn>(f);
+}
+const sgemm_fn sgemm_ = find_sgemm();
+
+constexpr int64_t ATTN_ROWS = 128, BK = 256;  // query rows per task (all heads of a group), keys per block
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// e^x for x <= 0 (Cephes expf polynomial, relative error ~2e-7; below -87.3 it returns ~1e-38)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+// row-major C[M, N] = alpha A[M, K] . B[N, K]^T + beta C   /   C[M, N] = A[M, K] . B[K, N] + beta C
+inline void gemm_nt(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
+                    float* C, int ldc) {
+  sgemm_("T", "N", &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+inline void gemm_nn(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float beta, float* C,
+                    int ldc) {
+  const float one = 1.f;
+  sgemm_("N", "N", &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+
+template <typename T>
+void prefill_attention_impl(const T* q, int64_t qsh, int64_t qst, const T* k, int64_t ksh, int64_t kst,
+                            const T* v, int64_t vsh, int64_t vst, T* out, int64_t H, int64_t KVH, int64_t n,
+                            int64_t D, int64_t offset, float scale) {
+  const int64_t G = H / KVH;
+  const int64_t bq = std::max<int64_t>(8, std::min<int64_t>(n, ATTN_ROWS / G));
+  const int64_t qblocks = (n + bq - 1) / bq;
+  const int64_t tasks = KVH * qblocks;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const int64_t R = G * bq;
+    std::vector<float> Q(R * D), O(R * D), S(R * BK), m(R), l(R), Kb, Vb;
+    if (!std::is_same<T, float>::value) { Kb.resize(BK * D); Vb.resize(BK * D); }
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
+      const int64_t qb = qblocks - 1 - t / KVH, h = t % KVH;  // heaviest blocks first
+      const int64_t i0 = qb * bq, i1 = std::min(n, i0 + bq), rows = i1 - i0, Rr = G * rows;
+      for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < rows; i++) {
+          const T* src = q + (h * G + g) * qsh + (i0 + i) * qst;
+          float* dst = Q.data() + (g * rows + i) * D;
+          for (int64_t d = 0; d < D; d++) dst[d] = to_f(src[d]) * scale;
+        }
+      std::fill(m.begin(), m.begin() + Rr, -INFINITY);
+      std::fill(l.begin(), l.begin() + Rr, 0.f);
+      const int64_t kend = offset + i1;
+      for (int64_t c0 = 0; c0 < kend; c0 += BK) {
+        const int64_t bk = std::min(BK, kend - c0);
+        const float *kp, *vp;
+        int64_t ldk, ldv;
+        if constexpr (std::is_same<T, float>::value) {
+          kp = k + h * ksh + c0 * kst; ldk = kst; vp = v + h * vsh + c0 * vst; ldv = vst;
+        } else {
+          for (int64_t c = 0; c < bk; c++) {
+            const T* ks = k + h * ksh + (c0 + c) * kst;
+            const T* vs = v + h * vsh + (c0 + c) * vst;
+            for (int64_t d = 0; d < D; d++) { Kb[c * D + d] = to_f(ks[d]); Vb[c * D + d] = to_f(vs[d]); }
+          }
+          kp = Kb.data(); vp = Vb.data(); ldk = ldv = D;
+        }
+        gemm_nt(Rr, bk, D, 1.f, Q.data(), D, kp, ldk, 0.f, S.data(), BK);
+        for (int64_t r = 0; r < Rr; r++) {
+          const int64_t i = i0 + r % rows;
+          const int64_t lim = std::min(bk, std::max<int64_t>(0, offset + i + 1 - c0));
+          float* s = S.data() + r * BK;
+          if (lim == 0) { std::fill(s, s + bk, 0.f); continue; }
+          __m256 vm = _mm256_set1_ps(-INFINITY);
+          int64_t c = 0;
+          for (; c + 8 <= lim; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + c));
+          float mx = hmax(vm);
+          for (; c < lim; c++) mx = std::max(mx, s[c]);
+          const float mnew = std::max(m[r], mx);
+          const __m256 vmn = _mm256_set1_ps(mnew);
+          __m256 acc = _mm256_setzero_ps();
+          for (c = 0; c + 8 <= lim; c += 8) {
+            const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vmn));
+            _mm256_storeu_ps(s + c, p);
+            acc = _mm256_add_ps(acc, p);
+          }
+          float sum = hsum(acc);
+          for (; c < lim; c++) { s[c] = std::exp(s[c] - mnew); sum += s[c]; }
+          for (; c < bk; c++) s[c] = 0.f;
+          if (c0 > 0) {
+            const float alpha = std::exp(m[r] - mnew);
+            l[r] = l[r] * alpha + sum;
+            if (alpha != 1.f) {
+              float* o = O.data() + r * D;
+              const __m256 va = _mm256_set1_ps(alpha);
+              int64_t d = 0;
+              for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(va, _mm256_loadu_ps(o + d)));
+              for (; d < D; d++) o[d] *= alpha;
+            }
+          } else {
+            l[r] = sum;
+          }
+          m[r] = mnew;
+        }
+        gemm_nn(Rr, D, bk, S.data(), BK, vp, ldv, c0 > 0 ? 1.f : 0.f, O.data(), D);
+      }
+      for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < rows; i++) {
+          const int64_t r = g * rows + i;
+          const float inv = 1.f / l[r];
+          T* dst = out + ((h * G + g) * n + i0 + i) * D;
+          const float* o = O.data() + r * D;
+          for (int64_t d = 0; d < D; d++) store(dst + d, o[d] * inv);
+        }
+    }
+  });
+}
+}  // namespace
+
+bool has_sgemm() { return sgemm_ != nullptr; }
+
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale, int64_t offset) {
+  TORCH_CHECK(sgemm_ != nullptr, "no sgemm in this torch build");
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && k.dim() == 4 && v.dim() == 4, "expected [1, heads, tokens, head_dim]");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
+  const int64_t H = q.size(1), n = q.size(2), D = q.size(3), KVH = k.size(1), ctx = k.size(2);
+  TORCH_CHECK(H % KVH == 0 && k.size(1) == v.size(1) && v.size(2) == ctx && k.size(3) == D && v.size(3) == D && ctx == offset + n,
+              "prefill_attention: bad shapes (heads must be a multiple of KV heads, keys = offset + queries)");
+  auto out = torch::empty({1, H, n, D}, q.options());
+  if (q.scalar_type() == at::kFloat)
+    prefill_attention_impl<float>(q.data_ptr<float>(), q.stride(1), q.stride(2), k.data_ptr<float>(), k.stride(1), k.stride(2),
+                                  v.data_ptr<float>(), v.stride(1), v.stride(2), out.data_ptr<float>(), H, KVH, n, D, offset, float(scale));
+  else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
+    auto P = [](torch::Tensor t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
+    prefill_attention_impl<uint16_t>(P(q), q.stride(1), q.stride(2), P(k), k.stride(1), k.stride(2), P(v), v.stride(1),
+                                     v.stride(2), reinterpret_cast<uint16_t*>(out.data_ptr()), H, KVH, n, D, offset, float(scale));
+  }
+  return out;
 }
 
 // The same paged decode attention for other extensions (qwenlab.quant.kernels' one-call decode step), by
@@ -1155,7 +1326,7 @@ torch::Tensor argmax_bf16(torch::Tensor logits) {
 }
 """
 
-_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "moe_experts_bf16", "attention_inputs",
+_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",
               "pool_run_address", "paged_decode_address"]
 _FUNCTIONS += ["decode_plan_create", "decode_plan_run", "decode_plan_free", "argmax_bf16", "set_decode_tuning"]  # fused_decode.py

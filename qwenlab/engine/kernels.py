@@ -33,6 +33,59 @@ from ..model.moe import Experts
 
 logger = logging.getLogger("qwenlab.engine")
 
+# Vector helpers shared by both compiled extensions (this one and qwenlab.quant.kernels): each embeds the
+# text in its own anonymous namespace.
+SIMD_SOURCE = r"""
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// e^x on 8 lanes (Cephes expf polynomial, relative error ~2e-7); ~1e-38 below -87.3 and +inf from 88.38 on
+// (2^128: the exponent field all ones), like expf's overflow, so silu(-100) is -0 as in torch
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(89.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+// float lanes rounded to the nearest bf16 value (ties to even; NaN stays NaN), when bf16 is set
+inline __m256 round_bf16_8(__m256 x, bool bf16) {
+  if (!bf16) return x;
+  __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  u = _mm256_and_si256(u, _mm256_set1_epi32(int(0xffff0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(u), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+// g[i] = silu(g[i]) * u[i] for i in [i0, i1), with transformers' bf16 roundings when bf16 is set:
+// rnd(rnd(silu(rnd(g))) * rnd(u)). The scalar tail does the same with round_one.
+template <typename RoundOne>
+inline void swiglu_range(float* g, const float* u, int64_t i0, int64_t i1, bool bf16, const RoundOne& round_one) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    const __m256 gate = round_bf16_8(_mm256_loadu_ps(g + i), bf16);
+    const __m256 silu = round_bf16_8(_mm256_div_ps(gate, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, gate)))), bf16);
+    _mm256_storeu_ps(g + i, round_bf16_8(_mm256_mul_ps(silu, round_bf16_8(_mm256_loadu_ps(u + i), bf16)), bf16));
+  }
+  for (; i < i1; i++) {
+    const float gate = round_one(g[i]);
+    g[i] = round_one(round_one(gate / (1.f + std::exp(-gate))) * round_one(u[i]));
+  }
+}
+"""
+
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -53,6 +106,7 @@ _SOURCE = r"""
 #include <algorithm>
 
 namespace {
+@SIMD@
 
 // ---- a small work-sharing pool -----------------------------------------------------------------------
 // OpenMP's fork/join waits at every region's end for all its threads; on a shared, oversubscribed
@@ -614,28 +668,6 @@ const sgemm_fn sgemm_ = find_sgemm();
 
 constexpr int64_t ATTN_ROWS = 128, BK = 256;  // query rows per task (all heads of a group), keys per block
 
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-// e^x for x <= 0 (Cephes expf polynomial, relative error ~2e-7; below -87.3 it returns ~1e-38)
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 // row-major C[M, N] = alpha A[M, K] . B[N, K]^T + beta C   /   C[M, N] = A[M, K] . B[K, N] + beta C
 inline void gemm_nt(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
                     float* C, int ldc) {
@@ -697,7 +729,7 @@ void prefill_attention_impl(const T* q, int64_t qsh, int64_t qst, const T* k, in
           __m256 vm = _mm256_set1_ps(-INFINITY);
           int64_t c = 0;
           for (; c + 8 <= lim; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + c));
-          float mx = hmax(vm);
+          float mx = hmax8(vm);
           for (; c < lim; c++) mx = std::max(mx, s[c]);
           const float mnew = std::max(m[r], mx);
           const __m256 vmn = _mm256_set1_ps(mnew);
@@ -869,10 +901,7 @@ torch::Tensor mlp_bf16(torch::Tensor x, torch::Tensor w_gate, torch::Tensor w_up
   gemm_bf16(xp, T, K, w(w_gate), I, g.data());
   gemm_bf16(xp, T, K, w(w_up), I, u.data());
   auto act = [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; i++) {
-      const float gate = rnd(g[i], bf16);
-      g[i] = rnd(rnd(gate / (1.f + std::exp(-gate)), bf16) * rnd(u[i], bf16), bf16);
-    }
+    swiglu_range(g.data(), u.data(), i0, i1, bf16, [bf16](float v) { return rnd(v, bf16); });
   };
   if (blas_rows(T)) at::parallel_for(0, T * I, 4096, act);  // prefill: OpenMP, as the sgemm
   else act(0, T * I);
@@ -1326,6 +1355,7 @@ torch::Tensor argmax_bf16(torch::Tensor logits) {
 }
 """
 
+_SOURCE = _SOURCE.replace("@SIMD@", SIMD_SOURCE)
 _FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",
               "pool_run_address", "paged_decode_address"]

@@ -236,9 +236,18 @@ def _blockwise_linear(x, method, q, scales, bias, mins=None):
     if step >= N:
         return F.linear(xc, weight(0, N), bias).to(x.dtype)
     out = x.new_empty(*x.shape[:-1], N)
+    in_place = out.dtype == compute and x.device.type == "cpu"  # the sgemm writes the output columns itself
+    rows_in, rows_out = xc.reshape(-1, K), out.view(-1, N)
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
-        out[..., n0:n1] = F.linear(xc, weight(n0, n1), None if bias is None else bias[n0:n1])
+        part_bias = None if bias is None else bias[n0:n1]
+        if in_place:
+            columns = rows_out[:, n0:n1]
+            torch.mm(rows_in, weight(n0, n1).t(), out=columns)
+            if part_bias is not None:
+                columns += part_bias
+        else:
+            out[..., n0:n1] = F.linear(xc, weight(n0, n1), part_bias)
     return out
 
 

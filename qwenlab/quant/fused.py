@@ -55,9 +55,15 @@ class QuantKernelMLP(MLP):
     """SwiGLU MLP with quantized projections in one kernel call."""
 
     def forward(self, x):
-        if not _fast(x):
+        if _fast(x):
+            return quant_kernels._module.mlp(x, self.gate_proj.parts(), self.up_proj.parts(), self.down_proj.parts())
+        if torch.is_grad_enabled() or x.dtype not in _ACTIVATIONS or x.device.type != "cpu":
             return super().forward(x)
-        return quant_kernels._module.mlp(x, self.gate_proj.parts(), self.up_proj.parts(), self.down_proj.parts())
+        # prefill: the projections' float32 products go straight into one SwiGLU pass (rounded like the stock
+        # bf16 ops) and on to the down projection, without bf16 copies of the [T, I] products in between
+        xf = x.float()
+        act = quant_kernels._module.swiglu(self.gate_proj(xf), self.up_proj(xf), x.dtype == torch.bfloat16)
+        return self.down_proj(act).to(x.dtype)
 
 
 def use_quant_kernels(model: torch.nn.Module) -> int:

@@ -19,7 +19,8 @@ two cores.
 * ``mlp(x, w_gate, w_up, w_down)``: SwiGLU, gate and up in one parallel region;
 * ``linear_prefill_int4(x, [qweight, scales, mins], bias)``: int4 products for many rows (prefill) on int8
   activation blocks (``vpmaddubsw``, see its comment: the one place where activations are rounded coarser
-  than bf16); ``dequantize_rows`` feeds int8 prefill to the stock sgemm.
+  than bf16); ``dequantize_rows`` feeds int8 prefill to the stock sgemm; ``swiglu(gate, up, bf16)``: the
+  prefill MLP's activation over those float products, in place.
 
 Weights: int8 ``qweight`` [N, K] + float32 ``scales`` [N]; int4 ``qweight`` uint8 [N, K/2] (codes 0..15,
 runs of 32 values: byte j holds value j low, j + 16 high) + float16 ``scales`` and ``mins`` [N, K/G],
@@ -47,6 +48,7 @@ _SOURCE = r"""
 #include <vector>
 
 namespace {
+@SIMD@
 
 // ---- threads: the engine's work pool when it is loaded (one pool per process), else ATen's ----
 using PoolRun = void (*)(int64_t, void (*)(void*, int64_t), void*);
@@ -1041,10 +1043,24 @@ torch::Tensor plan_run(int64_t id, torch::Tensor ids, torch::Tensor cos, torch::
   run_parts(split_parts({V}, 16), [&](const Part& part) { run_rows(jl, part.n0, part.n1); });
   return logits;
 }
+
+// Prefill SwiGLU in place: gate[i] = silu(gate[i]) * up[i] over float32 [T, I] products, with transformers'
+// bf16 roundings when bf16 is set (the values a bf16 model's separate ops give); on ATen's threads, like the
+// prefill sgemm around it.
+torch::Tensor swiglu(torch::Tensor gate, torch::Tensor up, bool bf16) {
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat && gate.is_contiguous() &&
+              up.is_contiguous() && gate.sizes() == up.sizes(), "swiglu: gate and up must be contiguous float32 of one shape");
+  float* g = gate.data_ptr<float>();
+  const float* u = up.data_ptr<float>();
+  at::parallel_for(0, gate.numel(), 4096, [&](int64_t i0, int64_t i1) {
+    swiglu_range(g, u, i0, i1, bf16, [bf16](float v) { return rnd(v, bf16); });
+  });
+  return gate;
+}
 """
 
 _FUNCTIONS = ["linear", "attention_inputs", "mlp", "set_pool", "set_paged_decode", "set_prefetch", "int4_search", "dequantize_rows", "linear_prefill_int4", "plan_create", "plan_run",
-              "plan_free"]
+              "plan_free", "swiglu"]
 _module = None
 _failed = False
 
@@ -1065,8 +1081,9 @@ def load():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:10]
-            module = load_inline(f"qwenlab_quant_kernels_{digest}", cpp_sources=_SOURCE, functions=_FUNCTIONS,
+            source = _SOURCE.replace("@SIMD@", engine_kernels.SIMD_SOURCE)
+            digest = hashlib.sha256(source.encode()).hexdigest()[:10]
+            module = load_inline(f"qwenlab_quant_kernels_{digest}", cpp_sources=source, functions=_FUNCTIONS,
                                  extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], verbose=False)
             engine = engine_kernels.load()
             if engine is not None and hasattr(engine, "pool_run_address"):

@@ -131,12 +131,19 @@ def test_blockwise_prefill_splits_weight_rows_into_equal_blocks(method, monkeypa
     parts = quantize_int8(w) if method == "int8" else quantize_int4(w, 64)
     ref = x @ dequantize(method, *parts).t() + bias
     calls = []
-    real = F.linear
-    monkeypatch.setattr(quant.F, "linear", lambda a, b, c=None: calls.append(b.shape[0]) or real(a, b, c))
+    real_linear, real_mm = F.linear, torch.mm
+    monkeypatch.setattr(quant.F, "linear", lambda a, b, c=None: calls.append(b.shape[0]) or real_linear(a, b, c))
+    # float32 activations: the sgemm writes each block's output columns in place (mm with out=)
+    monkeypatch.setattr(torch, "mm", lambda a, b, out=None: calls.append(b.shape[1]) or real_mm(a, b, out=out))
     monkeypatch.setattr(quant, "_BLOCK_ROWS", 16)
-    out = _blockwise_linear(x, method, *parts[:2], bias, parts[2] if method == "int4" else None)
+    mins = parts[2] if method == "int4" else None
+    out = _blockwise_linear(x, method, *parts[:2], bias, mins)
     assert calls == [14] * 5
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    calls.clear()  # bf16 activations: float products stored to bf16 block by block
+    out = _blockwise_linear(x.bfloat16(), method, *parts[:2], bias, mins)
+    assert calls == [14] * 5 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), x.bfloat16().float() @ dequantize(method, *parts).t() + bias, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])

@@ -1,7 +1,7 @@
 """The training-only fused operations (hand-written backward) give the values and gradients of the plain
 composition they replace, in float32: LM head + cross-entropy, RMSNorm, RoPE, the MoE expert block (idle
-experts included, with and without grouped_mm), the blocked training attention, and clipping folded into the
-fused AdamW."""
+experts included, with and without grouped_mm), the training attention (the kernels' and the blocked
+one), and clipping folded into the fused AdamW."""
 
 from __future__ import annotations
 
@@ -27,7 +27,17 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
-def test_linear_cross_entropy_matches_the_composition():
+def _kernels(monkeypatch, on: bool):
+    """The compiled kernels' training passes (on), or the stock-op route they replace (off)."""
+    if on:
+        assert fused.cpu_kernels() is not None, "the CPU kernels must build on this machine"
+    else:
+        monkeypatch.setattr(fused, "_CPU_KERNELS", [None])
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_linear_cross_entropy_matches_the_composition(monkeypatch, kernels):
+    _kernels(monkeypatch, kernels)  # vocabulary 300: the vector passes leave a tail of 4
     g = torch.Generator().manual_seed(0)
     h = torch.randn(70, 24, generator=g).requires_grad_()
     w = (torch.randn(300, 24, generator=g) * 0.3).requires_grad_()
@@ -63,13 +73,15 @@ def test_rms_norm_and_rope_match_the_composition():
     _close(_grads(plain_rope, [q], grad), _grads(lambda: fused.apply_rope(q, cos, sin), [q], grad))
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("grouped", [True, False])
-def test_moe_training_function_matches_the_composition(monkeypatch, grouped):
+def test_moe_training_function_matches_the_composition(monkeypatch, grouped, kernels):
+    _kernels(monkeypatch, kernels)  # intermediate size 20: the vector SwiGLU passes leave a tail of 4
     g = torch.Generator().manual_seed(2)
-    experts = moe.Experts(8, 32, 16)
+    experts = moe.Experts(8, 32, 20)
     with torch.no_grad():
-        experts.gate_up_proj.copy_(torch.randn(8, 32, 32, generator=g) * 0.2)
-        experts.down_proj.copy_(torch.randn(8, 32, 16, generator=g) * 0.2)
+        experts.gate_up_proj.copy_(torch.randn(8, 40, 32, generator=g) * 0.2)
+        experts.down_proj.copy_(torch.randn(8, 32, 20, generator=g) * 0.2)
     x = torch.randn(40, 32, generator=g).requires_grad_()
     logits = torch.randn(40, 8, generator=g)
     logits[:, 3] = logits[:, 6] = -1e9  # two experts receive no token
@@ -90,35 +102,69 @@ def test_moe_training_function_matches_the_composition(monkeypatch, grouped):
     assert float(ours[1][2][3].abs().max()) == 0.0 and float(ours[1][3][6].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("route", ["kernel", "blocked"])
 @pytest.mark.parametrize("documents", [False, True])
-def test_blocked_attention_matches_sdpa(documents):
-    """Causal (and document-masked) attention with grouped KV heads: the blocked training attention gives
-    sdpa's output and gradients, over several query blocks with a partial last one."""
+@pytest.mark.parametrize("B,h,kv,S,d,threads", [(2, 4, 2, 2 * fused.ATTENTION_BLOCK + 22, 16, 1),
+                                                 (1, 7, 1, 600, 24, 2)])
+def test_training_attention_matches_sdpa(route, documents, B, h, kv, S, d, threads):
+    """Causal (and document-masked) attention with grouped KV heads: the kernels' training attention (the
+    route TrainingAttention takes on CPU) and the blocked attention (without the kernels) give sdpa's
+    output and gradients, over several query blocks with a partial last one, keys across 256-key blocks,
+    documents starting inside blocks, and two threads."""
+    from qwenlab.engine import kernels
     from qwenlab.train.trainer import TrainingAttention
 
-    g = torch.Generator().manual_seed(4)
-    B, h, kv, S, d = 2, 4, 2, 2 * fused.ATTENTION_BLOCK + 22, 16
-    q = torch.randn(B, S, h, d, generator=g).transpose(1, 2).requires_grad_()  # the model's strides
-    k = torch.randn(B, S, kv, d, generator=g).transpose(1, 2).requires_grad_()
-    v = torch.randn(B, S, kv, d, generator=g).transpose(1, 2).requires_grad_()
-    grad = torch.randn(B, h, S, d, generator=g)
-    doc_ids = torch.zeros(B, S, dtype=torch.long)
-    if documents:  # row 0: documents of 40, 100 and the rest tokens; row 1 a single document
-        doc_ids[0, 40:] = 1
-        doc_ids[0, 140:] = 2
-    context = TrainingAttention(doc_ids)
-    assert fused.wants_blocked_attention(q, k, v)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(4)
+        q = torch.randn(B, S, h, d, generator=g).transpose(1, 2).requires_grad_()  # the model's strides
+        k = torch.randn(B, S, kv, d, generator=g).transpose(1, 2).requires_grad_()
+        v = torch.randn(B, S, kv, d, generator=g).transpose(1, 2).requires_grad_()
+        grad = torch.randn(B, h, S, d, generator=g)
+        doc_ids = torch.zeros(B, S, dtype=torch.long)
+        if documents:  # row 0: documents of 40, 100 (or 300) and the rest; any other row a single document
+            doc_ids[0, 40:] = 1
+            doc_ids[0, 140 if S < 500 else 340:] = 2
+        context = TrainingAttention(doc_ids)
+        assert fused.wants_kernel_attention(q, k, v)
+        if route == "kernel":
+            assert context._kernel()[0] is not None, "the kernels' attention must be available on this machine"
+            attend = lambda: context.attend(0, q, k, v, 0.3)  # noqa: E731
+        else:
+            assert fused.wants_blocked_attention(q, k, v)
+            attend = lambda: fused.blocked_attention(q, k, v, 0.3, context.mask)  # noqa: E731
 
-    def plain():
-        if documents:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask, scale=0.3, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+        def plain():
+            if documents:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask, scale=0.3, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
 
-    _close(_grads(plain, [q, k, v], grad), _grads(lambda: context.attend(0, q, k, v, 0.3), [q, k, v], grad))
-    long = torch.zeros(1, 16, 2048, 8, requires_grad=True)  # 138 MB of probabilities: the flash kernel instead
+        # dK / dV sum over up to 600 x 7 rows: float32 accumulation differs from sdpa's by a few 1e-6
+        _close(_grads(plain, [q, k, v], grad), _grads(attend, [q, k, v], grad), rtol=2e-5, atol=5e-6)
+        if route == "kernel":  # what the Function saved: out and the log-sum-exp of the scaled scores
+            ops = kernels.load()
+            with torch.no_grad():
+                first = context._kernel()[1]
+                out, lse = ops.attention_forward(q, k, v, 0.3, q.new_empty(0, dtype=torch.int32) if first is None else first)
+                scores = (q.double() @ k.double().repeat_interleave(h // kv, 1).transpose(-1, -2)) * 0.3
+                allowed = context.mask if documents else torch.ones(S, S, dtype=torch.bool).tril()
+                expected = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), -1)
+            torch.testing.assert_close(lse.double(), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+    long = torch.zeros(1, 16, 2048, 8, requires_grad=True)  # 138 MB of probabilities: not the blocked one
     assert not fused.wants_blocked_attention(long, long[:, :4], long[:, :4])
+    assert fused.wants_kernel_attention(long, long[:, :4], long[:, :4])  # the kernel saves O(S) per row
     with torch.no_grad():
-        assert not fused.wants_blocked_attention(q, k, v)
+        assert not fused.wants_blocked_attention(q, k, v) and not fused.wants_kernel_attention(q, k, v)
+
+
+def test_document_first_key():
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
+    assert fused.document_first_key(doc_ids).tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6]
+    # a document id in two separate spans is not a key range per token: the mask route stays
+    assert fused.document_first_key(torch.tensor([[0, 0, 1, 1, 0, 0]])) is None
 
 
 def test_clipping_folded_into_fused_adamw(monkeypatch):

@@ -648,12 +648,14 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out.to(q.scalar_type());
 }
 
-// ---- prefill attention: causal, GQA, on MKL's sgemm ---------------------------------------------------
-// Flash-attention order (online softmax over key blocks) with both products on the BLAS: each task is one
-// KV head and a block of query rows of all its G query heads stacked (~128 rows, so the sgemm sees
-// [128 x D] . [D x 256] and [128 x 256] . [256 x D]); tasks go heaviest first to whichever thread is free.
-// At 512 tokens this is about 2x torch's CPU flash attention (Qwen3-0.6B / Qwen2.5-0.5B heads), 1.2-1.3x at 2K.
-// The sgemm is looked up at run time (torch's MKL exports the Fortran symbol): without one, Python keeps SDPA.
+// ---- causal attention on MKL's sgemm: prefill (engine) and training (forward + backward) ---------------
+// Flash-attention order (online softmax over key blocks) with every product on the BLAS: each task is one
+// (batch row, KV head) and a block of query rows of all its G query heads stacked (~128 rows, so the sgemm
+// sees [128 x D] . [D x 256] and [128 x 256] . [256 x D]); tasks go heaviest first to whichever thread is
+// free. Query i (of n, after `offset` earlier keys) sees keys [lo_i, offset + i], lo_i its document's first
+// position (0 without documents). At 512 tokens this is about 2x torch's CPU flash attention on
+// Qwen3-0.6B / Qwen2.5-0.5B heads, 1.2-1.3x at 2K. The sgemm is looked up at run time (torch's MKL exports
+// the Fortran symbol): without one, Python keeps SDPA / the blocked attention.
 namespace {
 using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                           const int*, const float*, const int*, const float*, float*, const int*);
@@ -668,131 +670,412 @@ const sgemm_fn sgemm_ = find_sgemm();
 
 constexpr int64_t ATTN_ROWS = 128, BK = 256;  // query rows per task (all heads of a group), keys per block
 
-// row-major C[M, N] = alpha A[M, K] . B[N, K]^T + beta C   /   C[M, N] = A[M, K] . B[K, N] + beta C
+// row-major C[M, N] = alpha A[M, K] . B[N, K]^T + beta C
 inline void gemm_nt(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
                     float* C, int ldc) {
   sgemm_("T", "N", &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
 }
-inline void gemm_nn(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float beta, float* C,
+// row-major C[M, N] = alpha A[M, K] . B[K, N] + beta C
+inline void gemm_nn(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
+                    float* C, int ldc) {
+  sgemm_("N", "N", &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+// row-major C[M, N] = A[K, M]^T . B[K, N] + beta C
+inline void gemm_tn(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float beta, float* C,
                     int ldc) {
   const float one = 1.f;
-  sgemm_("N", "N", &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+  sgemm_("N", "T", &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
+struct AttnShape {
+  int64_t B, H, KVH, n, D, offset;
+  int64_t qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst;  // strides of q [B, H, n, D], k/v [B, KVH, ctx, D]
+  const int32_t* lo = nullptr;  // [B, n] first visible key of each query (documents), or null: 0
+  int64_t G() const { return H / KVH; }
+  int64_t rows_per_head() const { return std::max<int64_t>(8, std::min<int64_t>(n, ATTN_ROWS / G())); }
+  int64_t first_key(int64_t b, int64_t i) const { return lo ? lo[b * n + i] : 0; }
+};
 
+// rows [r0, r1) of a block: visible columns [c_lo, c_hi) of the key block starting at c0 (length bk)
+inline void visible(const AttnShape& s, int64_t b, int64_t i, int64_t c0, int64_t bk, int64_t& c_lo, int64_t& c_hi) {
+  c_lo = std::min(bk, std::max<int64_t>(0, s.first_key(b, i) - c0));
+  c_hi = std::min(bk, std::max<int64_t>(0, s.offset + i + 1 - c0));
+  if (c_hi < c_lo) c_hi = c_lo;
+}
+
+// ordered task list: (batch row, KV head, query block), heaviest first
+std::vector<int64_t> attention_tasks(const AttnShape& s, int64_t bq, int64_t qblocks) {
+  std::vector<int64_t> tasks(s.B * s.KVH * qblocks);
+  for (int64_t t = 0; t < int64_t(tasks.size()); t++) tasks[t] = t;
+  auto cost = [&](int64_t t) {
+    const int64_t qb = t % qblocks, b = t / (s.KVH * qblocks);
+    const int64_t i0 = qb * bq, i1 = std::min(s.n, i0 + bq);
+    return s.offset + i1 - s.first_key(b, i0);
+  };
+  std::stable_sort(tasks.begin(), tasks.end(), [&](int64_t a, int64_t c) { return cost(a) > cost(c); });
+  return tasks;
+}
+
+// Forward: out [B, H, n, D] contiguous (T), lse [B, H, n] (log-sum-exp of the scaled scores) if not null.
 template <typename T>
-void prefill_attention_impl(const T* q, int64_t qsh, int64_t qst, const T* k, int64_t ksh, int64_t kst,
-                            const T* v, int64_t vsh, int64_t vst, T* out, int64_t H, int64_t KVH, int64_t n,
-                            int64_t D, int64_t offset, float scale) {
-  const int64_t G = H / KVH;
-  const int64_t bq = std::max<int64_t>(8, std::min<int64_t>(n, ATTN_ROWS / G));
+void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T* v, T* out, float* lse, float scale) {
+  const int64_t G = s.G(), D = s.D, n = s.n, bq = s.rows_per_head();
   const int64_t qblocks = (n + bq - 1) / bq;
-  const int64_t tasks = KVH * qblocks;
+  const std::vector<int64_t> tasks = attention_tasks(s, bq, qblocks);
   std::atomic<int64_t> next{0};
-  const int64_t threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     const int64_t R = G * bq;
     std::vector<float> Q(R * D), O(R * D), S(R * BK), m(R), l(R), Kb, Vb;
     if (!std::is_same<T, float>::value) { Kb.resize(BK * D); Vb.resize(BK * D); }
-    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
-      const int64_t qb = qblocks - 1 - t / KVH, h = t % KVH;  // heaviest blocks first
+    for (int64_t ti; (ti = next.fetch_add(1)) < int64_t(tasks.size());) {
+      const int64_t t = tasks[ti], qb = t % qblocks, h = (t / qblocks) % s.KVH, b = t / (s.KVH * qblocks);
       const int64_t i0 = qb * bq, i1 = std::min(n, i0 + bq), rows = i1 - i0, Rr = G * rows;
       for (int64_t g = 0; g < G; g++)
         for (int64_t i = 0; i < rows; i++) {
-          const T* src = q + (h * G + g) * qsh + (i0 + i) * qst;
+          const T* src = q + b * s.qsb + (h * G + g) * s.qsh + (i0 + i) * s.qst;
           float* dst = Q.data() + (g * rows + i) * D;
           for (int64_t d = 0; d < D; d++) dst[d] = to_f(src[d]) * scale;
         }
       std::fill(m.begin(), m.begin() + Rr, -INFINITY);
       std::fill(l.begin(), l.begin() + Rr, 0.f);
-      const int64_t kend = offset + i1;
-      for (int64_t c0 = 0; c0 < kend; c0 += BK) {
+      const T* kh = k + b * s.ksb + h * s.ksh;
+      const T* vh = v + b * s.vsb + h * s.vsh;
+      const int64_t kbegin = s.first_key(b, i0), kend = s.offset + i1;
+      for (int64_t c0 = kbegin; c0 < kend; c0 += BK) {
+        const bool first = c0 == kbegin;
         const int64_t bk = std::min(BK, kend - c0);
         const float *kp, *vp;
         int64_t ldk, ldv;
         if constexpr (std::is_same<T, float>::value) {
-          kp = k + h * ksh + c0 * kst; ldk = kst; vp = v + h * vsh + c0 * vst; ldv = vst;
+          kp = kh + c0 * s.kst; ldk = s.kst; vp = vh + c0 * s.vst; ldv = s.vst;
         } else {
           for (int64_t c = 0; c < bk; c++) {
-            const T* ks = k + h * ksh + (c0 + c) * kst;
-            const T* vs = v + h * vsh + (c0 + c) * vst;
+            const T* ks = kh + (c0 + c) * s.kst;
+            const T* vs = vh + (c0 + c) * s.vst;
             for (int64_t d = 0; d < D; d++) { Kb[c * D + d] = to_f(ks[d]); Vb[c * D + d] = to_f(vs[d]); }
           }
           kp = Kb.data(); vp = Vb.data(); ldk = ldv = D;
         }
         gemm_nt(Rr, bk, D, 1.f, Q.data(), D, kp, ldk, 0.f, S.data(), BK);
         for (int64_t r = 0; r < Rr; r++) {
-          const int64_t i = i0 + r % rows;
-          const int64_t lim = std::min(bk, std::max<int64_t>(0, offset + i + 1 - c0));
-          float* s = S.data() + r * BK;
-          if (lim == 0) { std::fill(s, s + bk, 0.f); continue; }
+          int64_t lo, hi;
+          visible(s, b, i0 + r % rows, c0, bk, lo, hi);
+          float* sr = S.data() + r * BK;
+          if (lo == hi) {  // nothing visible in this block: the row adds nothing
+            std::fill(sr, sr + bk, 0.f);
+            if (first) std::fill(O.data() + r * D, O.data() + (r + 1) * D, 0.f);
+            continue;
+          }
           __m256 vm = _mm256_set1_ps(-INFINITY);
-          int64_t c = 0;
-          for (; c + 8 <= lim; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + c));
+          int64_t c = lo;
+          for (; c + 8 <= hi; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(sr + c));
           float mx = hmax8(vm);
-          for (; c < lim; c++) mx = std::max(mx, s[c]);
+          for (; c < hi; c++) mx = std::max(mx, sr[c]);
           const float mnew = std::max(m[r], mx);
           const __m256 vmn = _mm256_set1_ps(mnew);
           __m256 acc = _mm256_setzero_ps();
-          for (c = 0; c + 8 <= lim; c += 8) {
-            const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vmn));
-            _mm256_storeu_ps(s + c, p);
+          for (c = lo; c + 8 <= hi; c += 8) {
+            const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), vmn));
+            _mm256_storeu_ps(sr + c, p);
             acc = _mm256_add_ps(acc, p);
           }
           float sum = hsum(acc);
-          for (; c < lim; c++) { s[c] = std::exp(s[c] - mnew); sum += s[c]; }
-          for (; c < bk; c++) s[c] = 0.f;
-          if (c0 > 0) {
-            const float alpha = std::exp(m[r] - mnew);
-            l[r] = l[r] * alpha + sum;
-            if (alpha != 1.f) {
-              float* o = O.data() + r * D;
-              const __m256 va = _mm256_set1_ps(alpha);
-              int64_t d = 0;
-              for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(va, _mm256_loadu_ps(o + d)));
-              for (; d < D; d++) o[d] *= alpha;
-            }
-          } else {
-            l[r] = sum;
+          for (; c < hi; c++) { sr[c] = std::exp(sr[c] - mnew); sum += sr[c]; }
+          std::fill(sr, sr + lo, 0.f);
+          std::fill(sr + hi, sr + bk, 0.f);
+          const float alpha = std::exp(m[r] - mnew);  // 0 while the row had nothing (m = -inf)
+          l[r] = l[r] * alpha + sum;
+          if (!first && alpha != 1.f) {
+            float* o = O.data() + r * D;
+            const __m256 va = _mm256_set1_ps(alpha);
+            int64_t d = 0;
+            for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(va, _mm256_loadu_ps(o + d)));
+            for (; d < D; d++) o[d] *= alpha;
           }
           m[r] = mnew;
         }
-        gemm_nn(Rr, D, bk, S.data(), BK, vp, ldv, c0 > 0 ? 1.f : 0.f, O.data(), D);
+        gemm_nn(Rr, D, bk, 1.f, S.data(), BK, vp, ldv, first ? 0.f : 1.f, O.data(), D);
       }
       for (int64_t g = 0; g < G; g++)
         for (int64_t i = 0; i < rows; i++) {
-          const int64_t r = g * rows + i;
-          const float inv = 1.f / l[r];
-          T* dst = out + ((h * G + g) * n + i0 + i) * D;
+          const int64_t r = g * rows + i, row = (b * s.H + h * G + g) * n + i0 + i;
+          const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+          T* dst = out + row * D;
           const float* o = O.data() + r * D;
           for (int64_t d = 0; d < D; d++) store(dst + d, o[d] * inv);
+          if (lse) lse[row] = m[r] + std::log(l[r]);
         }
     }
   });
+}
+
+// Backward of the float32 forward from its output and log-sum-exp (nothing else saved): per (batch row,
+// KV head) task, for each query block and key block, P = exp(S - lse) recomputed, dP = dO . V^T,
+// dS = P * (dP - rowsum(dO * O)), dQ += dS . K, dK += dS^T . (scale Q), dV += P^T . dO.
+void attention_backward_impl(const AttnShape& s, const float* q, const float* k, const float* v, const float* out,
+                             const float* lse, const float* dout, float* dq, float* dk, float* dv, float scale) {
+  const int64_t G = s.G(), D = s.D, n = s.n, bq = s.rows_per_head(), ctx = s.offset + n;
+  const int64_t qblocks = (n + bq - 1) / bq;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const int64_t R = G * bq;
+    std::vector<float> Q(R * D), dO(R * D), dQ(R * D), S(R * BK), dP(R * BK), L(R), Dr(R), dK(ctx * D), dV(ctx * D);
+    for (int64_t t; (t = next.fetch_add(1)) < s.B * s.KVH;) {
+      const int64_t b = t / s.KVH, h = t % s.KVH;
+      const float* kh = k + b * s.ksb + h * s.ksh;
+      const float* vh = v + b * s.vsb + h * s.vsh;
+      std::fill(dK.begin(), dK.end(), 0.f);
+      std::fill(dV.begin(), dV.end(), 0.f);
+      for (int64_t qb = 0; qb < qblocks; qb++) {
+        const int64_t i0 = qb * bq, i1 = std::min(n, i0 + bq), rows = i1 - i0, Rr = G * rows;
+        for (int64_t g = 0; g < G; g++)
+          for (int64_t i = 0; i < rows; i++) {
+            const int64_t r = g * rows + i, row = (b * s.H + h * G + g) * n + i0 + i;
+            const float* qs = q + b * s.qsb + (h * G + g) * s.qsh + (i0 + i) * s.qst;
+            const float* os = out + row * D;
+            const float* gs = dout + row * D;
+            float dot = 0.f;
+            for (int64_t d = 0; d < D; d++) {
+              Q[r * D + d] = qs[d] * scale;
+              dO[r * D + d] = gs[d];
+              dot += gs[d] * os[d];
+            }
+            Dr[r] = dot;
+            L[r] = lse[row];
+          }
+        const int64_t kbegin = s.first_key(b, i0), kend = s.offset + i1;
+        for (int64_t c0 = kbegin; c0 < kend; c0 += BK) {
+          const bool first = c0 == kbegin;
+          const int64_t bk = std::min(BK, kend - c0);
+          gemm_nt(Rr, bk, D, 1.f, Q.data(), D, kh + c0 * s.kst, s.kst, 0.f, S.data(), BK);
+          gemm_nt(Rr, bk, D, 1.f, dO.data(), D, vh + c0 * s.vst, s.vst, 0.f, dP.data(), BK);
+          for (int64_t r = 0; r < Rr; r++) {
+            int64_t lo, hi;
+            visible(s, b, i0 + r % rows, c0, bk, lo, hi);
+            float* sr = S.data() + r * BK;
+            float* pr = dP.data() + r * BK;
+            const __m256 vl = _mm256_set1_ps(L[r]), vd = _mm256_set1_ps(Dr[r]);
+            int64_t c = lo;
+            for (; c + 8 <= hi; c += 8) {
+              const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), vl));
+              _mm256_storeu_ps(sr + c, p);
+              _mm256_storeu_ps(pr + c, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(pr + c), vd)));
+            }
+            for (; c < hi; c++) { sr[c] = std::exp(sr[c] - L[r]); pr[c] = sr[c] * (pr[c] - Dr[r]); }
+            std::fill(sr, sr + lo, 0.f); std::fill(sr + hi, sr + bk, 0.f);
+            std::fill(pr, pr + lo, 0.f); std::fill(pr + hi, pr + bk, 0.f);
+          }
+          // dV[c0:] += P^T dO, dK[c0:] += dS^T (scale Q), dQ += dS K
+          gemm_tn(bk, D, Rr, S.data(), BK, dO.data(), D, 1.f, dV.data() + c0 * D, D);
+          gemm_tn(bk, D, Rr, dP.data(), BK, Q.data(), D, 1.f, dK.data() + c0 * D, D);
+          gemm_nn(Rr, D, bk, scale, dP.data(), BK, kh + c0 * s.kst, s.kst, first ? 0.f : 1.f, dQ.data(), D);
+        }
+        for (int64_t g = 0; g < G; g++)
+          for (int64_t i = 0; i < rows; i++) {
+            const int64_t r = g * rows + i;
+            std::memcpy(dq + ((b * s.H + h * G + g) * n + i0 + i) * D, dQ.data() + r * D, sizeof(float) * D);
+          }
+      }
+      std::memcpy(dk + (b * s.KVH + h) * ctx * D, dK.data(), sizeof(float) * ctx * D);
+      std::memcpy(dv + (b * s.KVH + h) * ctx * D, dV.data(), sizeof(float) * ctx * D);
+    }
+  });
+}
+
+AttnShape attention_shape(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t offset,
+                          const char* what) {
+  TORCH_CHECK(sgemm_ != nullptr, what, ": no sgemm in this torch build");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, what, ": expected [batch, heads, tokens, head_dim]");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, what, ": head_dim must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), what, ": q, k, v dtypes differ");
+  AttnShape s;
+  s.B = q.size(0); s.H = q.size(1); s.n = q.size(2); s.D = q.size(3); s.KVH = k.size(1); s.offset = offset;
+  const int64_t ctx = k.size(2);
+  TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B && s.H % s.KVH == 0 && v.size(1) == s.KVH && v.size(2) == ctx &&
+              k.size(3) == s.D && v.size(3) == s.D && ctx == offset + s.n,
+              what, ": bad shapes (heads must be a multiple of KV heads, keys = offset + queries)");
+  s.qsb = q.stride(0); s.qsh = q.stride(1); s.qst = q.stride(2);
+  s.ksb = k.stride(0); s.ksh = k.stride(1); s.kst = k.stride(2);
+  s.vsb = v.stride(0); s.vsh = v.stride(1); s.vst = v.stride(2);
+  return s;
 }
 }  // namespace
 
 bool has_sgemm() { return sgemm_ != nullptr; }
 
+// Engine prefill: q [1, H, n, D], k/v [1, KVH, offset + n, D] (float32 or bf16, any strides but head_dim's).
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale, int64_t offset) {
-  TORCH_CHECK(sgemm_ != nullptr, "no sgemm in this torch build");
-  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && k.dim() == 4 && v.dim() == 4, "expected [1, heads, tokens, head_dim]");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "head_dim must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
-  const int64_t H = q.size(1), n = q.size(2), D = q.size(3), KVH = k.size(1), ctx = k.size(2);
-  TORCH_CHECK(H % KVH == 0 && k.size(1) == v.size(1) && v.size(2) == ctx && k.size(3) == D && v.size(3) == D && ctx == offset + n,
-              "prefill_attention: bad shapes (heads must be a multiple of KV heads, keys = offset + queries)");
-  auto out = torch::empty({1, H, n, D}, q.options());
-  if (q.scalar_type() == at::kFloat)
-    prefill_attention_impl<float>(q.data_ptr<float>(), q.stride(1), q.stride(2), k.data_ptr<float>(), k.stride(1), k.stride(2),
-                                  v.data_ptr<float>(), v.stride(1), v.stride(2), out.data_ptr<float>(), H, KVH, n, D, offset, float(scale));
-  else {
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
-    auto P = [](torch::Tensor t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
-    prefill_attention_impl<uint16_t>(P(q), q.stride(1), q.stride(2), P(k), k.stride(1), k.stride(2), P(v), v.stride(1),
-                                     v.stride(2), reinterpret_cast<uint16_t*>(out.data_ptr()), H, KVH, n, D, offset, float(scale));
+  AttnShape s = attention_shape(q, k, v, offset, "prefill_attention");
+  TORCH_CHECK(s.B == 1, "prefill_attention: one sequence at a time");
+  auto out = torch::empty({1, s.H, s.n, s.D}, q.options());
+  if (q.scalar_type() == at::kFloat) {
+    attention_forward_impl<float>(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                                  out.data_ptr<float>(), nullptr, float(scale));
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "prefill_attention: float32 or bfloat16 only");
+    auto P = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
+    attention_forward_impl<uint16_t>(s, P(q), P(k), P(v), reinterpret_cast<uint16_t*>(out.data_ptr()), nullptr,
+                                     float(scale));
   }
   return out;
+}
+
+// Training, float32: q [B, H, S, D], k/v [B, KVH, S, D]; first_key [B, S] int32 (each token's document start)
+// or an empty tensor (plain causal). Returns out [B, H, S, D] and lse [B, H, S].
+std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
+                                             torch::Tensor first_key) {
+  AttnShape s = attention_shape(q, k, v, 0, "attention_forward");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_forward: float32 only");
+  auto lo = first_key.numel() ? first_key.to(at::kInt).contiguous() : first_key;
+  TORCH_CHECK(!lo.numel() || (lo.dim() == 2 && lo.size(0) == s.B && lo.size(1) == s.n), "attention_forward: first_key must be [B, S]");
+  if (lo.numel()) s.lo = lo.data_ptr<int32_t>();
+  auto out = torch::empty({s.B, s.H, s.n, s.D}, q.options());
+  auto lse = torch::empty({s.B, s.H, s.n}, q.options());
+  attention_forward_impl<float>(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
+                                lse.data_ptr<float>(), float(scale));
+  return {out, lse};
+}
+
+std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
+                                              torch::Tensor lse, torch::Tensor grad_out, double scale,
+                                              torch::Tensor first_key) {
+  AttnShape s = attention_shape(q, k, v, 0, "attention_backward");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && out.is_contiguous() && lse.is_contiguous(), "attention_backward: float32, saved out/lse");
+  auto lo = first_key.numel() ? first_key.to(at::kInt).contiguous() : first_key;
+  if (lo.numel()) s.lo = lo.data_ptr<int32_t>();
+  auto g = grad_out.to(at::kFloat).contiguous();
+  auto dq = torch::empty({s.B, s.H, s.n, s.D}, q.options());
+  auto dk = torch::empty({s.B, s.KVH, s.n, s.D}, q.options());
+  auto dv = torch::empty({s.B, s.KVH, s.n, s.D}, q.options());
+  attention_backward_impl(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
+                          lse.data_ptr<float>(), g.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
+                          dv.data_ptr<float>(), float(scale));
+  return {dq, dk, dv};
+}
+
+// ---- training element-wise passes (float32, CPU) ----------------------------------------------------------
+// LM head + cross-entropy: each row of logits z [n, V] becomes softmax(z) - onehot(target) (the gradient of
+// the row's loss) in one vectorised pass per row; returns the rows' log-sum-exp.
+torch::Tensor softmax_xent_rows(torch::Tensor z, torch::Tensor targets) {
+  TORCH_CHECK(z.scalar_type() == at::kFloat && z.dim() == 2 && z.is_contiguous(), "softmax_xent_rows: contiguous float32 [n, V]");
+  auto t = targets.to(at::kLong).contiguous();
+  const int64_t n = z.size(0), V = z.size(1);
+  TORCH_CHECK(t.numel() == n, "softmax_xent_rows: one target per row");
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; r++) TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "softmax_xent_rows: target ", tp[r], " out of range");
+  auto lse = torch::empty({n}, z.options());
+  float* zp = z.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      float* row = zp + r * V;
+      __m256 vm = _mm256_set1_ps(-INFINITY);
+      int64_t c = 0;
+      for (; c + 8 <= V; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(row + c));
+      float mx = hmax8(vm);
+      for (; c < V; c++) mx = std::max(mx, row[c]);
+      const __m256 vmx = _mm256_set1_ps(mx);
+      __m256 acc = _mm256_setzero_ps();
+      for (c = 0; c + 8 <= V; c += 8) {
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + c), vmx));
+        _mm256_storeu_ps(row + c, p);
+        acc = _mm256_add_ps(acc, p);
+      }
+      float sum = hsum(acc);
+      for (; c < V; c++) { row[c] = std::exp(row[c] - mx); sum += row[c]; }
+      const float inv = 1.f / sum;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      for (c = 0; c + 8 <= V; c += 8) _mm256_storeu_ps(row + c, _mm256_mul_ps(vinv, _mm256_loadu_ps(row + c)));
+      for (; c < V; c++) row[c] *= inv;
+      row[tp[r]] -= 1.f;
+      lp[r] = std::log(sum) + mx;
+    }
+  });
+  return lse;
+}
+
+// MoE experts (training): gu [slots, 2I] = (gate | up) products, w [slots] routing weights ->
+// silu(gate), act = silu(gate) * up, weighted = act * w, each [slots, I], in one pass.
+std::vector<torch::Tensor> swiglu_train_forward(torch::Tensor gu, torch::Tensor w) {
+  TORCH_CHECK(gu.scalar_type() == at::kFloat && gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0 &&
+              w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == gu.size(0),
+              "swiglu_train_forward: contiguous float32 [slots, 2I] and [slots]");
+  const int64_t S = gu.size(0), I = gu.size(1) / 2;
+  auto silu = torch::empty({S, I}, gu.options()), act = torch::empty({S, I}, gu.options()),
+       weighted = torch::empty({S, I}, gu.options());
+  const float *g = gu.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float *sp = silu.data_ptr<float>(), *ap = act.data_ptr<float>(), *op = weighted.data_ptr<float>();
+  at::parallel_for(0, S, 16, [&](int64_t r0, int64_t r1) {
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (int64_t r = r0; r < r1; r++) {
+      const float* gr = g + r * 2 * I;
+      const float* ur = gr + I;
+      const __m256 vw = _mm256_set1_ps(wp[r]);
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 x = _mm256_loadu_ps(gr + i);
+        const __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
+        const __m256 a = _mm256_mul_ps(s, _mm256_loadu_ps(ur + i));
+        _mm256_storeu_ps(sp + r * I + i, s);
+        _mm256_storeu_ps(ap + r * I + i, a);
+        _mm256_storeu_ps(op + r * I + i, _mm256_mul_ps(a, vw));
+      }
+      for (; i < I; i++) {
+        const float s = gr[i] / (1.f + std::exp(-gr[i])), a = s * ur[i];
+        sp[r * I + i] = s; ap[r * I + i] = a; op[r * I + i] = a * wp[r];
+      }
+    }
+  });
+  return {silu, act, weighted};
+}
+
+// Its backward: grad_act [slots, I] (gradient of `weighted` times the down projection), with gu, w, silu,
+// act from the forward -> grad_gu [slots, 2I] (gate | up) and grad_w [slots] = rowsum(grad_act * act).
+std::vector<torch::Tensor> swiglu_train_backward(torch::Tensor grad_act, torch::Tensor gu, torch::Tensor w,
+                                                 torch::Tensor silu, torch::Tensor act) {
+  for (const auto& t : {grad_act, gu, w, silu, act})
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "swiglu_train_backward: contiguous float32 inputs");
+  const int64_t S = gu.size(0), I = gu.size(1) / 2;
+  TORCH_CHECK(grad_act.numel() == S * I && silu.numel() == S * I && act.numel() == S * I && w.numel() == S,
+              "swiglu_train_backward: shapes");
+  auto grad_gu = torch::empty({S, 2 * I}, gu.options());
+  auto grad_w = torch::empty({S}, gu.options());
+  const float *ga = grad_act.data_ptr<float>(), *g = gu.data_ptr<float>(), *wp = w.data_ptr<float>(),
+              *sp = silu.data_ptr<float>(), *ap = act.data_ptr<float>();
+  float *out = grad_gu.data_ptr<float>(), *gw = grad_w.data_ptr<float>();
+  at::parallel_for(0, S, 16, [&](int64_t r0, int64_t r1) {
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (int64_t r = r0; r < r1; r++) {
+      const float* gar = ga + r * I;
+      const float* gr = g + r * 2 * I;
+      const float* ur = gr + I;
+      float* og = out + r * 2 * I;
+      float* ou = og + I;
+      const __m256 vw = _mm256_set1_ps(wp[r]);
+      __m256 dot = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 d = _mm256_loadu_ps(gar + i);
+        dot = _mm256_fmadd_ps(d, _mm256_loadu_ps(ap + r * I + i), dot);
+        const __m256 dw = _mm256_mul_ps(d, vw);
+        const __m256 x = _mm256_loadu_ps(gr + i);
+        const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
+        // silu'(x) = sig * (1 + x * (1 - sig))
+        const __m256 dsilu = _mm256_mul_ps(sig, _mm256_fmadd_ps(x, _mm256_sub_ps(one, sig), one));
+        _mm256_storeu_ps(ou + i, _mm256_mul_ps(dw, _mm256_loadu_ps(sp + r * I + i)));
+        _mm256_storeu_ps(og + i, _mm256_mul_ps(_mm256_mul_ps(dw, _mm256_loadu_ps(ur + i)), dsilu));
+      }
+      float dsum = hsum(dot);
+      for (; i < I; i++) {
+        dsum += gar[i] * ap[r * I + i];
+        const float dw = gar[i] * wp[r], x = gr[i], sig = 1.f / (1.f + std::exp(-x));
+        ou[i] = dw * sp[r * I + i];
+        og[i] = dw * ur[i] * (sig * (1.f + x * (1.f - sig)));
+      }
+      gw[r] = dsum;
+    }
+  });
+  return {grad_gu, grad_w};
 }
 
 // The same paged decode attention for other extensions (qwenlab.quant.kernels' one-call decode step), by
@@ -1356,7 +1639,8 @@ torch::Tensor argmax_bf16(torch::Tensor logits) {
 """
 
 _SOURCE = _SOURCE.replace("@SIMD@", SIMD_SOURCE)
-_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "moe_experts_bf16", "attention_inputs",
+_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "attention_forward",
+              "attention_backward", "softmax_xent_rows", "swiglu_train_forward", "swiglu_train_backward", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",
               "pool_run_address", "paged_decode_address"]
 _FUNCTIONS += ["decode_plan_create", "decode_plan_run", "decode_plan_free", "argmax_bf16", "set_decode_tuning"]  # fused_decode.py

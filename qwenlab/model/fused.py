@@ -63,6 +63,20 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     return _LinearCrossEntropySum.apply(hidden, weight, targets)
 
 
+_CPU_KERNELS: list = []
+
+
+def cpu_kernels():
+    """The compiled CPU kernels (``qwenlab.engine.kernels``) where they load and have the BLAS sgemm their
+    training attention needs, else None: the training passes below then use stock ops."""
+    if not _CPU_KERNELS:
+        from ..engine import kernels
+
+        module = kernels.load()
+        _CPU_KERNELS.append(module if module is not None and module.has_sgemm() else None)
+    return _CPU_KERNELS[0]
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets):
@@ -74,16 +88,20 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         z = logits if logits.dtype == torch.float32 else logits.float()
         n, vocab = z.shape
         target_logit = z.gather(1, targets[:, None]).squeeze(1)
-        lse = torch.empty(n, dtype=torch.float32, device=z.device)
-        block = max(1, _CPU_BLOCK_BYTES // (4 * vocab)) if z.device.type == "cpu" else max(n, 1)
-        for first in range(0, n, block):
-            rows = z[first:first + block]
-            top = rows.amax(1, keepdim=True)
-            rows.sub_(top).exp_()
-            total = rows.sum(1, keepdim=True)
-            rows.div_(total)  # softmax
-            lse[first:first + block] = total.log_().add_(top).squeeze(1)
-        z[torch.arange(n, device=z.device), targets] -= 1  # softmax - onehot: d(loss)/d(logits)
+        ops = cpu_kernels() if z.device.type == "cpu" and z.is_contiguous() else None
+        if ops is not None:  # one vectorised pass per row: softmax - onehot in place, the row's log-sum-exp
+            lse = ops.softmax_xent_rows(z, targets)
+        else:
+            lse = torch.empty(n, dtype=torch.float32, device=z.device)
+            block = max(1, _CPU_BLOCK_BYTES // (4 * vocab)) if z.device.type == "cpu" else max(n, 1)
+            for first in range(0, n, block):
+                rows = z[first:first + block]
+                top = rows.amax(1, keepdim=True)
+                rows.sub_(top).exp_()
+                total = rows.sum(1, keepdim=True)
+                rows.div_(total)  # softmax
+                lse[first:first + block] = total.log_().add_(top).squeeze(1)
+            z[torch.arange(n, device=z.device), targets] -= 1  # softmax - onehot: d(loss)/d(logits)
         grad_logits = z if z.dtype == weight.dtype else z.to(weight.dtype)
         ctx.save_for_backward(hidden, weight, grad_logits)
         return (lse - target_logit).sum()
@@ -190,6 +208,12 @@ def wants_blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
             and saved <= ATTENTION_MAX_SAVED_BYTES)
 
 
+def wants_kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """``wants_blocked_attention`` without the memory bound (the kernel saves O(S) per row, not S^2)."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and wants_fused(q, k, v)
+            and not torch.is_autocast_enabled("cpu") and q.shape[1] % k.shape[1] == 0 and q.shape[2] == k.shape[2])
+
+
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention (further restricted by ``mask`` [B, 1, S, S], True = attend, if given) for training
@@ -202,6 +226,44 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def _attention_blocks(S: int) -> list[tuple[int, int]]:
     starts = list(range(0, S, ATTENTION_BLOCK))
     return [(a, min(a + ATTENTION_BLOCK, S)) for a in starts]
+
+
+class _KernelAttention(torch.autograd.Function):
+    """The compiled CPU kernels' training attention (``qwenlab.engine.kernels``: flash-attention order on the
+    sgemm, documents as a first visible key per token): saves only the output and the log-sum-exp, and the
+    backward recomputes the probabilities block by block."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, first_key, ops):
+        out, lse = ops.attention_forward(q, k, v, scale, first_key)
+        ctx.save_for_backward(q, k, v, out, lse, first_key)
+        ctx.scale, ctx.ops = scale, ops
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, first_key = ctx.saved_tensors
+        dq, dk, dv = ctx.ops.attention_backward(q, k, v, out, lse, grad_out, ctx.scale, first_key)
+        return dq, dk, dv, None, None, None
+
+
+def document_first_key(doc_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, S] document ids of packed rows -> [B, S] int32 position of each token's document start (where
+    each document is one contiguous span; None otherwise, when the mask is not a per-token key range)."""
+    B, S = doc_ids.shape
+    pos = torch.arange(S, device=doc_ids.device).expand(B, S)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    spans = starts.sum(1)
+    distinct = torch.tensor([int(torch.unique(row).numel()) for row in doc_ids], device=doc_ids.device)
+    return first.to(torch.int32) if bool((spans == distinct).all()) else None
+
+
+def kernel_attention(q, k, v, scale: float, first_key: torch.Tensor | None, ops) -> torch.Tensor:
+    """Causal attention restricted to [first_key, i] per query (documents), with the compiled kernels."""
+    empty = q.new_empty(0, dtype=torch.int32)
+    return _KernelAttention.apply(q, k, v, scale, empty if first_key is None else first_key, ops)
 
 
 class _BlockedAttention(torch.autograd.Function):

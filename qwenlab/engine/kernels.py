@@ -1078,6 +1078,80 @@ std::vector<torch::Tensor> swiglu_train_backward(torch::Tensor grad_act, torch::
   return {grad_gu, grad_w};
 }
 
+// RMSNorm (training, float32): out = w * x * rstd, rstd = 1 / sqrt(mean(x^2) + eps), one pass a row.
+std::vector<torch::Tensor> rms_norm_train_forward(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.is_contiguous() &&
+              weight.is_contiguous() && x.size(-1) == weight.numel(), "rms_norm_train_forward: contiguous float32");
+  const int64_t D = weight.numel(), N = x.numel() / D;
+  auto out = torch::empty_like(x);
+  auto rstd = torch::empty({N}, x.options());
+  const float *xp = x.data_ptr<float>(), *w = weight.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const float* xr = xp + r * D;
+      float* orow = op + r * D;
+      __m256 acc = _mm256_setzero_ps();
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8) { const __m256 v = _mm256_loadu_ps(xr + d); acc = _mm256_fmadd_ps(v, v, acc); }
+      float ss = hsum(acc);
+      for (; d < D; d++) ss += xr[d] * xr[d];
+      const float s = 1.f / std::sqrt(ss / D + float(eps));
+      rp[r] = s;
+      const __m256 vs = _mm256_set1_ps(s);
+      for (d = 0; d + 8 <= D; d += 8)
+        _mm256_storeu_ps(orow + d, _mm256_mul_ps(_mm256_loadu_ps(w + d), _mm256_mul_ps(_mm256_loadu_ps(xr + d), vs)));
+      for (; d < D; d++) orow[d] = w[d] * (xr[d] * s);
+    }
+  });
+  return {out, rstd};
+}
+
+// Its backward: grad_x = rstd * (g*w - xhat * mean(g*w * xhat)), grad_w = sum over rows of g * xhat.
+std::vector<torch::Tensor> rms_norm_train_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor weight,
+                                                   torch::Tensor rstd) {
+  auto g = grad.to(at::kFloat).contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && rstd.is_contiguous() && g.numel() == x.numel(),
+              "rms_norm_train_backward: contiguous float32");
+  const int64_t D = weight.numel(), N = x.numel() / D;
+  auto grad_x = torch::empty_like(x);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, (N + 15) / 16));
+  auto partial = torch::zeros({chunks, D}, x.options());  // grad_w per chunk of rows, summed at the end
+  const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>(), *w = weight.data_ptr<float>(),
+              *rp = rstd.data_ptr<float>();
+  float *gx = grad_x.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  const int64_t per = (N + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c++) {
+      float* gw = pp + c * D;
+      for (int64_t r = c * per; r < std::min(N, (c + 1) * per); r++) {
+        const float *gr = gp + r * D, *xr = xp + r * D;
+        const float s = rp[r];
+        const __m256 vs = _mm256_set1_ps(s);
+        __m256 acc = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) {
+          const __m256 gv = _mm256_loadu_ps(gr + d), xh = _mm256_mul_ps(_mm256_loadu_ps(xr + d), vs);
+          _mm256_storeu_ps(gw + d, _mm256_fmadd_ps(gv, xh, _mm256_loadu_ps(gw + d)));
+          acc = _mm256_fmadd_ps(_mm256_mul_ps(gv, _mm256_loadu_ps(w + d)), xh, acc);
+        }
+        float dot = hsum(acc);
+        for (; d < D; d++) { const float xh = xr[d] * s; gw[d] += gr[d] * xh; dot += gr[d] * w[d] * xh; }
+        const float mean = dot / D;
+        const __m256 vm = _mm256_set1_ps(mean);
+        float* out = gx + r * D;
+        for (d = 0; d + 8 <= D; d += 8) {
+          const __m256 xh = _mm256_mul_ps(_mm256_loadu_ps(xr + d), vs);
+          const __m256 gxh = _mm256_mul_ps(_mm256_loadu_ps(gr + d), _mm256_loadu_ps(w + d));
+          _mm256_storeu_ps(out + d, _mm256_mul_ps(vs, _mm256_fnmadd_ps(xh, vm, gxh)));
+        }
+        for (; d < D; d++) out[d] = s * (gr[d] * w[d] - xr[d] * s * mean);
+      }
+    }
+  });
+  return {grad_x, partial.sum(0)};
+}
+
 // The same paged decode attention for other extensions (qwenlab.quant.kernels' one-call decode step), by
 // address like qwenlab_pool_run: caches bf16 (bf16 != 0) or float32, q and out float [B, H, D].
 extern "C" void qwenlab_paged_decode(const float* q, const void* kc, const void* vc, int32_t bf16,
@@ -1640,7 +1714,8 @@ torch::Tensor argmax_bf16(torch::Tensor logits) {
 
 _SOURCE = _SOURCE.replace("@SIMD@", SIMD_SOURCE)
 _FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "attention_forward",
-              "attention_backward", "softmax_xent_rows", "swiglu_train_forward", "swiglu_train_backward", "moe_experts_bf16", "attention_inputs",
+              "attention_backward", "softmax_xent_rows", "swiglu_train_forward", "swiglu_train_backward", "rms_norm_train_forward",
+              "rms_norm_train_backward", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",
               "pool_run_address", "paged_decode_address"]
 _FUNCTIONS += ["decode_plan_create", "decode_plan_run", "decode_plan_free", "argmax_bf16", "set_decode_tuning"]  # fused_decode.py

@@ -136,6 +136,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
+        ops = cpu_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 == weight.dtype else None
+        ctx.ops = ops
+        if ops is not None:  # one pass a row; rstd [N] saved
+            rows = x.contiguous()
+            out, rstd = ops.rms_norm_train_forward(rows, weight.contiguous(), eps)
+            ctx.save_for_backward(rows, weight, rstd)
+            return out
         x32 = x.float()
         rstd = torch.linalg.vecdot(x32, x32, dim=-1).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()
         normed = x32 * rstd
@@ -146,6 +153,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
+        if ctx.ops is not None:
+            grad_x, grad_weight = ctx.ops.rms_norm_train_backward(grad, x, weight.contiguous(), rstd)
+            return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None
         xhat = x.float() * rstd
         grad32 = grad.float()
         grad_weight = None

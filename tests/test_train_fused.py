@@ -64,10 +64,10 @@ def test_rms_norm_and_rope_match_the_composition(monkeypatch, kernels):
         return weight * x32
 
     _close(_grads(plain_norm, [x, weight], grad), _grads(lambda: fused.rms_norm(x, weight, 1e-6), [x, weight], grad))
-    q = torch.randn(2, 5, 3, 16, generator=g).transpose(1, 2).requires_grad_()  # [B, heads, S, hd], strided
-    angles = torch.randn(2, 5, 8, generator=g)
-    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-    grad = torch.randn(2, 3, 5, 16, generator=g)
+    q = torch.randn(2, 5, 3, 20, generator=g).transpose(1, 2).requires_grad_()  # [B, heads, S, hd], strided
+    angles = torch.randn(2, 5, 20, generator=g)  # halves not repeated: the two halves' sin must not mix up
+    cos, sin = angles.cos(), angles.sin()
+    grad = torch.randn(2, 3, 5, 20, generator=g)
 
     def plain_rope():
         return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)

@@ -1152,6 +1152,52 @@ std::vector<torch::Tensor> rms_norm_train_backward(torch::Tensor grad, torch::Te
   return {grad_x, partial.sum(0)};
 }
 
+// RoPE (training, float32): x [B, H, S, D] (head_dim contiguous, any other strides), cos/sin [B, S, D]
+// (any strides but the last) -> out in x's layout. Forward: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 (the
+// halves of D); backward (the transposed rotation): out1 = x1 c1 + x2 s2, out2 = x2 c2 - x1 s1.
+torch::Tensor rope_train(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, bool backward) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+              x.dim() == 4 && cos.dim() == 3 && sin.dim() == 3 && x.stride(3) == 1 && cos.stride(2) == 1 &&
+              sin.stride(2) == 1 && x.size(3) % 2 == 0, "rope_train: float32 x [B, H, S, D], cos/sin [B, S, D]");
+  const int64_t B = x.size(0), H = x.size(1), S = x.size(2), D = x.size(3), half = D / 2;
+  TORCH_CHECK(cos.size(1) == S && cos.size(2) == D && sin.sizes() == cos.sizes() && (cos.size(0) == B || cos.size(0) == 1),
+              "rope_train: cos/sin shape");
+  auto out = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t xb = x.stride(0), xh = x.stride(1), xs = x.stride(2);
+  const int64_t ob = out.stride(0), oh = out.stride(1), os = out.stride(2);
+  const int64_t cb = cos.size(0) == 1 ? 0 : cos.stride(0), cs = cos.stride(1);
+  const int64_t sb = sin.size(0) == 1 ? 0 : sin.stride(0), ss = sin.stride(1);
+  const float sign = backward ? -1.f : 1.f;
+  at::parallel_for(0, B * H * S, 64, [&](int64_t r0, int64_t r1) {
+    const __m256 vsign = _mm256_set1_ps(sign);
+    for (int64_t r = r0; r < r1; r++) {
+      const int64_t b = r / (H * S), h = (r / S) % H, s = r % S;
+      const float* xr = xp + b * xb + h * xh + s * xs;
+      const float* c = cp + b * cb + s * cs;
+      const float* sn = sp + b * sb + s * ss;
+      float* o = op + b * ob + h * oh + s * os;
+      int64_t i = 0;
+      for (; i + 8 <= half; i += 8) {
+        const __m256 x1 = _mm256_loadu_ps(xr + i), x2 = _mm256_loadu_ps(xr + half + i);
+        // forward: sin of the own half; backward: the other half's, sign flipped
+        const __m256 s1 = _mm256_loadu_ps(sn + (backward ? half : 0) + i);
+        const __m256 s2 = _mm256_loadu_ps(sn + (backward ? 0 : half) + i);
+        _mm256_storeu_ps(o + i, _mm256_fnmadd_ps(_mm256_mul_ps(vsign, x2), s1, _mm256_mul_ps(x1, _mm256_loadu_ps(c + i))));
+        _mm256_storeu_ps(o + half + i, _mm256_fmadd_ps(_mm256_mul_ps(vsign, x1), s2, _mm256_mul_ps(x2, _mm256_loadu_ps(c + half + i))));
+      }
+      for (; i < half; i++) {
+        const float x1 = xr[i], x2 = xr[half + i];
+        const float s1 = sn[(backward ? half : 0) + i], s2 = sn[(backward ? 0 : half) + i];
+        o[i] = x1 * c[i] - sign * x2 * s1;
+        o[half + i] = x2 * c[half + i] + sign * x1 * s2;
+      }
+    }
+  });
+  return out;
+}
+
 // The same paged decode attention for other extensions (qwenlab.quant.kernels' one-call decode step), by
 // address like qwenlab_pool_run: caches bf16 (bf16 != 0) or float32, q and out float [B, H, D].
 extern "C" void qwenlab_paged_decode(const float* q, const void* kc, const void* vc, int32_t bf16,
@@ -1715,7 +1761,7 @@ torch::Tensor argmax_bf16(torch::Tensor logits) {
 _SOURCE = _SOURCE.replace("@SIMD@", SIMD_SOURCE)
 _FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "attention_forward",
               "attention_backward", "softmax_xent_rows", "swiglu_train_forward", "swiglu_train_backward", "rms_norm_train_forward",
-              "rms_norm_train_backward", "moe_experts_bf16", "attention_inputs",
+              "rms_norm_train_backward", "rope_train", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",
               "pool_run_address", "paged_decode_address"]
 _FUNCTIONS += ["decode_plan_create", "decode_plan_run", "decode_plan_free", "argmax_bf16", "set_decode_tuning"]  # fused_decode.py

@@ -179,6 +179,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
+        ops = cpu_kernels() if x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.float32 else None
+        if ops is not None and x.dim() == 4 and cos.dim() == 3 and x.stride(-1) == 1 and cos.stride(-1) == sin.stride(-1) == 1:
+            ctx.ops = ops  # both halves in one pass a row, in x's layout
+            ctx.save_for_backward(cos, sin)
+            return ops.rope_train(x, cos, sin, False)
+        ctx.ops = None
         cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
         half = x.shape[-1] // 2
         out = x * cos
@@ -190,6 +196,10 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
+        if ctx.ops is not None and grad.stride(-1) == 1:
+            return ctx.ops.rope_train(grad, cos, sin, True), None, None
+        if ctx.ops is not None:
+            cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
         half = grad.shape[-1] // 2
         grad_x = grad * cos
         grad_x[..., :half].addcmul_(grad[..., half:], sin[..., half:])

@@ -668,7 +668,7 @@ sgemm_fn find_sgemm() {
 }
 const sgemm_fn sgemm_ = find_sgemm();
 
-constexpr int64_t ATTN_ROWS = 128, BK = 256;  // query rows per task (all heads of a group), keys per block
+constexpr int64_t BK = 256;  // keys per block
 
 // row-major C[M, N] = alpha A[M, K] . B[N, K]^T + beta C
 inline void gemm_nt(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
@@ -691,8 +691,9 @@ struct AttnShape {
   int64_t B, H, KVH, n, D, offset;
   int64_t qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst;  // strides of q [B, H, n, D], k/v [B, KVH, ctx, D]
   const int32_t* lo = nullptr;  // [B, n] first visible key of each query (documents), or null: 0
+  int64_t rows = 128;  // query rows per task, all heads of a group (prefill 128; training 64, measured)
   int64_t G() const { return H / KVH; }
-  int64_t rows_per_head() const { return std::max<int64_t>(8, std::min<int64_t>(n, ATTN_ROWS / G())); }
+  int64_t rows_per_head() const { return std::max<int64_t>(8, std::min<int64_t>(n, rows / G())); }
   int64_t first_key(int64_t b, int64_t i) const { return lo ? lo[b * n + i] : 0; }
 };
 
@@ -903,6 +904,9 @@ AttnShape attention_shape(const torch::Tensor& q, const torch::Tensor& k, const 
 
 bool has_sgemm() { return sgemm_ != nullptr; }
 
+int64_t train_rows = 64;
+void set_train_rows(int64_t rows) { train_rows = rows; }
+
 // Engine prefill: q [1, H, n, D], k/v [1, KVH, offset + n, D] (float32 or bf16, any strides but head_dim's).
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale, int64_t offset) {
   AttnShape s = attention_shape(q, k, v, offset, "prefill_attention");
@@ -925,6 +929,7 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
 std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
                                              torch::Tensor first_key) {
   AttnShape s = attention_shape(q, k, v, 0, "attention_forward");
+  s.rows = train_rows;
   TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_forward: float32 only");
   auto lo = first_key.numel() ? first_key.to(at::kInt).contiguous() : first_key;
   TORCH_CHECK(!lo.numel() || (lo.dim() == 2 && lo.size(0) == s.B && lo.size(1) == s.n), "attention_forward: first_key must be [B, S]");
@@ -940,6 +945,7 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, 
                                               torch::Tensor lse, torch::Tensor grad_out, double scale,
                                               torch::Tensor first_key) {
   AttnShape s = attention_shape(q, k, v, 0, "attention_backward");
+  s.rows = train_rows;
   TORCH_CHECK(q.scalar_type() == at::kFloat && out.is_contiguous() && lse.is_contiguous(), "attention_backward: float32, saved out/lse");
   auto lo = first_key.numel() ? first_key.to(at::kInt).contiguous() : first_key;
   if (lo.numel()) s.lo = lo.data_ptr<int32_t>();
@@ -1759,7 +1765,7 @@ torch::Tensor argmax_bf16(torch::Tensor logits) {
 """
 
 _SOURCE = _SOURCE.replace("@SIMD@", SIMD_SOURCE)
-_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "attention_forward",
+_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "set_train_rows", "attention_forward",
               "attention_backward", "softmax_xent_rows", "swiglu_train_forward", "swiglu_train_backward", "rms_norm_train_forward",
               "rms_norm_train_backward", "rope_train", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",

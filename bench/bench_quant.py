@@ -7,7 +7,7 @@ For each shape (random checkpoints shaped like Qwen3-0.6B and Qwen2.5-0.5B) the 
 qwenlab bf16 / int8 / int4 (the engine, batch 1), llama.cpp BF16 / Q8_0 / Q4_K_M (``llama-bench`` on GGUF
 files converted from the same checkpoint with llama.cpp's own ``convert_hf_to_gguf.py`` and
 ``llama-quantize``), and transformers bf16. Each row reports the median of ``--repeats`` runs, the bytes of
-weights read per decoded token, the roofline (read bandwidth probed just before the row / bytes per token) and the share of
+weights read per decoded token, the roofline (median read bandwidth of probes before every row / bytes per token) and the share of
 it reached, plus logit drift against bf16 for our quantized formats.
 
 llama.cpp is a benchmark-only dependency: ``--setup`` downloads PyPI's ``llama-cpp-python`` sdist with pip
@@ -238,7 +238,7 @@ def table(results: list[dict], bandwidth: float, prompt_len: int = 512) -> str:
     lines = ["| shape | engine, format | decode tok/s | GB/token | roofline tok/s | share of roofline | "
              f"prefill {prompt_len} tok/s | logit drift |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        roof = r.get("bandwidth", bandwidth) * 1e9 / r["bytes"]
+        roof = bandwidth * 1e9 / r["bytes"]
         d = f"{r['drift'] * 100:.2f}%" if r.get("drift") is not None else "—"
         lines.append(f"| {r['shape']} | {r['name']} | {r['decode']:.1f} | {r['bytes'] / 1e9:.3f} | {roof:.1f} | "
                      f"{r['decode'] / roof * 100:.0f}% | {r['prefill']:.0f} | {d} |")
@@ -260,7 +260,7 @@ def plot(results: list[dict], bandwidth: float, path: Path) -> None:
                   for n in names]
         ax = axes[2 * i]
         ax.barh(names, [r["decode"] for r in rows], color=colors)
-        ax.scatter([r.get("bandwidth", bandwidth) * 1e9 / r["bytes"] for r in rows], names, marker="|", s=300, color="black",
+        ax.scatter([bandwidth * 1e9 / r["bytes"] for r in rows], names, marker="|", s=300, color="black",
                    label="roofline")
         ax.set_title(f"{shape}: batch-1 decode tok/s")
         ax.invert_yaxis()
@@ -311,8 +311,8 @@ def main() -> int:
         ggufs = make_ggufs(directory) if have_llama else {}
         pairs = [("bf16", None, "BF16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_K_M")]
         for label, quantization, kind in pairs:  # ours and llama.cpp alternate, same weights
-            # each row's roofline uses a bandwidth probe taken just before it: the shared host's bandwidth
-            # moves by ~15% over a run (29-34 GB/s seen), which a single probe at the start would put on every row
+            # a bandwidth probe before every row: on this shared host single probes ranged 21-35 GB/s within
+            # one run, so the roofline is the median of all of them (the start's included), not any one
             if "ours" not in args.skip:
                 probe = read_bandwidth()
                 row = ours(directory, quantization, args.repeats, args.new_tokens, args.prompt_len)
@@ -327,10 +327,14 @@ def main() -> int:
             probe = read_bandwidth()
             record(shape, "transformers bf16", transformers_bf16(directory, args.repeats, args.new_tokens,
                                                                  args.prompt_len), probe)
+    probes = [bandwidth] + [r["bandwidth"] for r in results]
+    start_probe, bandwidth = bandwidth, statistics.median(probes)
+    print(f"roofline bandwidth: median of {len(probes)} probes {bandwidth:.1f} GB/s (range {min(probes):.1f}-"
+          f"{max(probes):.1f}, first {start_probe:.1f})")
     report = table(results, bandwidth, args.prompt_len)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"bandwidth_gbs": bandwidth, "load_before": load_before, "load_after": os.getloadavg(),
+    meta = {"bandwidth_gbs": bandwidth, "bandwidth_probes_gbs": probes, "load_before": load_before, "load_after": os.getloadavg(),
             "threads": args.threads, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
             "repeats": args.repeats, "torch": torch.__version__}
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

@@ -144,11 +144,14 @@ def test_training_attention_matches_sdpa(route, documents, B, h, kv, S, d, threa
 
         # dK / dV sum over up to 600 x 7 rows: float32 accumulation differs from sdpa's by a few 1e-6
         _close(_grads(plain, [q, k, v], grad), _grads(attend, [q, k, v], grad), rtol=2e-5, atol=5e-6)
-        if route == "kernel":  # what the Function saved: out and the log-sum-exp of the scaled scores
+        if route == "kernel":  # what the Function saved: out, the log-sum-exp of the scaled scores (, P)
             ops = kernels.load()
             with torch.no_grad():
                 first = context._kernel()[1]
-                out, lse = ops.attention_forward(q, k, v, 0.3, q.new_empty(0, dtype=torch.int32) if first is None else first)
+                first = q.new_empty(0, dtype=torch.int32) if first is None else first
+                out, lse, probs = ops.attention_forward(q, k, v, 0.3, first, True)
+                # rows of up to 256 tokens keep their probabilities for the backward; longer rows recompute
+                assert (probs.numel() > 0) == (S <= 256)
                 scores = (q.double() @ k.double().repeat_interleave(h // kv, 1).transpose(-1, -2)) * 0.3
                 allowed = context.mask if documents else torch.ones(S, S, dtype=torch.bool).tril()
                 expected = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), -1)

@@ -719,7 +719,10 @@ std::vector<int64_t> attention_tasks(const AttnShape& s, int64_t bq, int64_t qbl
 
 // Forward: out [B, H, n, D] contiguous (T), lse [B, H, n] (log-sum-exp of the scaled scores) if not null.
 template <typename T>
-void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T* v, T* out, float* lse, float scale) {
+// probs (training, rows of at most BK keys): the normalised probabilities of each task, [task][R][BK]
+// (task = (b * KVH + h) * qblocks + qb), zeros outside the visible keys; null: not kept.
+void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T* v, T* out, float* lse, float scale,
+                            float* probs = nullptr) {
   const int64_t G = s.G(), D = s.D, n = s.n, bq = s.rows_per_head();
   const int64_t qblocks = (n + bq - 1) / bq;
   const std::vector<int64_t> tasks = attention_tasks(s, bq, qblocks);
@@ -763,7 +766,7 @@ void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T*
           visible(s, b, i0 + r % rows, c0, bk, lo, hi);
           float* sr = S.data() + r * BK;
           if (lo == hi) {  // nothing visible in this block: the row adds nothing
-            std::fill(sr, sr + bk, 0.f);
+            std::fill(sr, sr + (probs ? BK : bk), 0.f);
             if (first) std::fill(O.data() + r * D, O.data() + (r + 1) * D, 0.f);
             continue;
           }
@@ -783,7 +786,7 @@ void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T*
           float sum = hsum(acc);
           for (; c < hi; c++) { sr[c] = std::exp(sr[c] - mnew); sum += sr[c]; }
           std::fill(sr, sr + lo, 0.f);
-          std::fill(sr + hi, sr + bk, 0.f);
+          std::fill(sr + hi, sr + (probs ? BK : bk), 0.f);
           const float alpha = std::exp(m[r] - mnew);  // 0 while the row had nothing (m = -inf)
           l[r] = l[r] * alpha + sum;
           if (!first && alpha != 1.f) {
@@ -806,6 +809,17 @@ void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T*
           for (int64_t d = 0; d < D; d++) store(dst + d, o[d] * inv);
           if (lse) lse[row] = m[r] + std::log(l[r]);
         }
+      if (probs) {  // one key block (kend - kbegin <= BK): S holds this task's p, to be divided by l
+        float* dst = probs + t * R * BK;
+        for (int64_t r = 0; r < Rr; r++) {
+          const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+          const __m256 vinv = _mm256_set1_ps(inv);
+          const float* src = S.data() + r * BK;
+          int64_t c = 0;
+          for (; c + 8 <= BK; c += 8) _mm256_storeu_ps(dst + r * BK + c, _mm256_mul_ps(vinv, _mm256_loadu_ps(src + c)));
+          for (; c < BK; c++) dst[r * BK + c] = src[c] * inv;
+        }
+      }
     }
   });
 }
@@ -813,8 +827,10 @@ void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T*
 // Backward of the float32 forward from its output and log-sum-exp (nothing else saved): per (batch row,
 // KV head) task, for each query block and key block, P = exp(S - lse) recomputed, dP = dO . V^T,
 // dS = P * (dP - rowsum(dO * O)), dQ += dS . K, dK += dS^T . (scale Q), dV += P^T . dO.
+// With the forward's saved probabilities (one key block a task) the QK^T product and the exp are skipped.
 void attention_backward_impl(const AttnShape& s, const float* q, const float* k, const float* v, const float* out,
-                             const float* lse, const float* dout, float* dq, float* dk, float* dv, float scale) {
+                             const float* lse, const float* dout, float* dq, float* dk, float* dv, float scale,
+                             const float* probs = nullptr) {
   const int64_t G = s.G(), D = s.D, n = s.n, bq = s.rows_per_head(), ctx = s.offset + n;
   const int64_t qblocks = (n + bq - 1) / bq;
   std::atomic<int64_t> next{0};
@@ -848,26 +864,40 @@ void attention_backward_impl(const AttnShape& s, const float* q, const float* k,
         for (int64_t c0 = kbegin; c0 < kend; c0 += BK) {
           const bool first = c0 == kbegin;
           const int64_t bk = std::min(BK, kend - c0);
-          gemm_nt(Rr, bk, D, 1.f, Q.data(), D, kh + c0 * s.kst, s.kst, 0.f, S.data(), BK);
+          const float* P = S.data();
           gemm_nt(Rr, bk, D, 1.f, dO.data(), D, vh + c0 * s.vst, s.vst, 0.f, dP.data(), BK);
-          for (int64_t r = 0; r < Rr; r++) {
-            int64_t lo, hi;
-            visible(s, b, i0 + r % rows, c0, bk, lo, hi);
-            float* sr = S.data() + r * BK;
-            float* pr = dP.data() + r * BK;
-            const __m256 vl = _mm256_set1_ps(L[r]), vd = _mm256_set1_ps(Dr[r]);
-            int64_t c = lo;
-            for (; c + 8 <= hi; c += 8) {
-              const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), vl));
-              _mm256_storeu_ps(sr + c, p);
-              _mm256_storeu_ps(pr + c, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(pr + c), vd)));
+          if (probs) {  // saved: dS = P * (dP - D), zeros where P is
+            P = probs + ((b * s.KVH + h) * qblocks + qb) * R * BK;
+            for (int64_t r = 0; r < Rr; r++) {
+              const float* pp = P + r * BK;
+              float* pr = dP.data() + r * BK;
+              const __m256 vd = _mm256_set1_ps(Dr[r]);
+              int64_t c = 0;
+              for (; c + 8 <= bk; c += 8)
+                _mm256_storeu_ps(pr + c, _mm256_mul_ps(_mm256_loadu_ps(pp + c), _mm256_sub_ps(_mm256_loadu_ps(pr + c), vd)));
+              for (; c < bk; c++) pr[c] = pp[c] * (pr[c] - Dr[r]);
             }
-            for (; c < hi; c++) { sr[c] = std::exp(sr[c] - L[r]); pr[c] = sr[c] * (pr[c] - Dr[r]); }
-            std::fill(sr, sr + lo, 0.f); std::fill(sr + hi, sr + bk, 0.f);
-            std::fill(pr, pr + lo, 0.f); std::fill(pr + hi, pr + bk, 0.f);
+          } else {
+            gemm_nt(Rr, bk, D, 1.f, Q.data(), D, kh + c0 * s.kst, s.kst, 0.f, S.data(), BK);
+            for (int64_t r = 0; r < Rr; r++) {
+              int64_t lo, hi;
+              visible(s, b, i0 + r % rows, c0, bk, lo, hi);
+              float* sr = S.data() + r * BK;
+              float* pr = dP.data() + r * BK;
+              const __m256 vl = _mm256_set1_ps(L[r]), vd = _mm256_set1_ps(Dr[r]);
+              int64_t c = lo;
+              for (; c + 8 <= hi; c += 8) {
+                const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), vl));
+                _mm256_storeu_ps(sr + c, p);
+                _mm256_storeu_ps(pr + c, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(pr + c), vd)));
+              }
+              for (; c < hi; c++) { sr[c] = std::exp(sr[c] - L[r]); pr[c] = sr[c] * (pr[c] - Dr[r]); }
+              std::fill(sr, sr + lo, 0.f); std::fill(sr + hi, sr + bk, 0.f);
+              std::fill(pr, pr + lo, 0.f); std::fill(pr + hi, pr + bk, 0.f);
+            }
           }
           // dV[c0:] += P^T dO, dK[c0:] += dS^T (scale Q), dQ += dS K
-          gemm_tn(bk, D, Rr, S.data(), BK, dO.data(), D, 1.f, dV.data() + c0 * D, D);
+          gemm_tn(bk, D, Rr, P, BK, dO.data(), D, 1.f, dV.data() + c0 * D, D);
           gemm_tn(bk, D, Rr, dP.data(), BK, Q.data(), D, 1.f, dK.data() + c0 * D, D);
           gemm_nn(Rr, D, bk, scale, dP.data(), BK, kh + c0 * s.kst, s.kst, first ? 0.f : 1.f, dQ.data(), D);
         }
@@ -925,9 +955,10 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
 }
 
 // Training, float32: q [B, H, S, D], k/v [B, KVH, S, D]; first_key [B, S] int32 (each token's document start)
-// or an empty tensor (plain causal). Returns out [B, H, S, D] and lse [B, H, S].
+// or an empty tensor (plain causal). Returns out [B, H, S, D], lse [B, H, S] and, with keep_probs and S <= 256,
+// the probabilities for the backward (else an empty tensor).
 std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
-                                             torch::Tensor first_key) {
+                                             torch::Tensor first_key, bool keep_probs) {
   AttnShape s = attention_shape(q, k, v, 0, "attention_forward");
   s.rows = train_rows;
   TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_forward: float32 only");
@@ -936,14 +967,21 @@ std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, t
   if (lo.numel()) s.lo = lo.data_ptr<int32_t>();
   auto out = torch::empty({s.B, s.H, s.n, s.D}, q.options());
   auto lse = torch::empty({s.B, s.H, s.n}, q.options());
+  // rows of at most BK keys: keep the probabilities (B * KVH * qblocks * R * BK floats, ~4 MB a layer at
+  // B 4, S 256) so the backward skips the QK^T product and the exp; longer rows recompute them
+  torch::Tensor probs = q.new_empty({0});
+  if (keep_probs && s.n <= BK) {
+    const int64_t bq = s.rows_per_head(), qblocks = (s.n + bq - 1) / bq;
+    probs = torch::empty({s.B * s.KVH * qblocks, s.G() * bq, BK}, q.options());
+  }
   attention_forward_impl<float>(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
-                                lse.data_ptr<float>(), float(scale));
-  return {out, lse};
+                                lse.data_ptr<float>(), float(scale), probs.numel() ? probs.data_ptr<float>() : nullptr);
+  return {out, lse, probs};
 }
 
 std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
                                               torch::Tensor lse, torch::Tensor grad_out, double scale,
-                                              torch::Tensor first_key) {
+                                              torch::Tensor first_key, torch::Tensor probs) {
   AttnShape s = attention_shape(q, k, v, 0, "attention_backward");
   s.rows = train_rows;
   TORCH_CHECK(q.scalar_type() == at::kFloat && out.is_contiguous() && lse.is_contiguous(), "attention_backward: float32, saved out/lse");
@@ -955,7 +993,7 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, 
   auto dv = torch::empty({s.B, s.KVH, s.n, s.D}, q.options());
   attention_backward_impl(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
                           lse.data_ptr<float>(), g.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                          dv.data_ptr<float>(), float(scale));
+                          dv.data_ptr<float>(), float(scale), probs.numel() ? probs.data_ptr<float>() : nullptr);
   return {dq, dk, dv};
 }
 

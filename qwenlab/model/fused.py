@@ -250,20 +250,20 @@ def _attention_blocks(S: int) -> list[tuple[int, int]]:
 
 class _KernelAttention(torch.autograd.Function):
     """The compiled CPU kernels' training attention (``qwenlab.engine.kernels``: flash-attention order on the
-    sgemm, documents as a first visible key per token): saves only the output and the log-sum-exp, and the
-    backward recomputes the probabilities block by block."""
+    sgemm, documents as a first visible key per token): saves the output and the log-sum-exp, plus the
+    probabilities for rows of up to 256 tokens; for longer rows the backward recomputes them block by block."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, first_key, ops):
-        out, lse = ops.attention_forward(q, k, v, scale, first_key)
-        ctx.save_for_backward(q, k, v, out, lse, first_key)
+        out, lse, probs = ops.attention_forward(q, k, v, scale, first_key, True)
+        ctx.save_for_backward(q, k, v, out, lse, first_key, probs)
         ctx.scale, ctx.ops = scale, ops
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, first_key = ctx.saved_tensors
-        dq, dk, dv = ctx.ops.attention_backward(q, k, v, out, lse, grad_out, ctx.scale, first_key)
+        q, k, v, out, lse, first_key, probs = ctx.saved_tensors
+        dq, dk, dv = ctx.ops.attention_backward(q, k, v, out, lse, grad_out, ctx.scale, first_key, probs)
         return dq, dk, dv, None, None, None
 
 

@@ -601,14 +601,26 @@ void paged_decode_impl(const float* q, const T* kc, const T* vc, const int32_t* 
           scores[g * len + t] = v * scale;
         }
       }
-      for (int64_t g = 0; g < G; g++) {
+      for (int64_t g = 0; g < G; g++) {  // softmax over the context, 8 lanes at a time (exp8)
         float* s = scores.data() + g * len;
-        float m = -INFINITY;
-        for (int64_t t = 0; t < len; t++) m = std::max(m, s[t]);
-        float total = 0.f;
-        for (int64_t t = 0; t < len; t++) { s[t] = std::exp(s[t] - m); total += s[t]; }
+        __m256 vm = _mm256_set1_ps(-INFINITY);
+        int64_t t = 0;
+        for (; t + 8 <= len; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + t));
+        float m = hmax8(vm);
+        for (; t < len; t++) m = std::max(m, s[t]);
+        const __m256 vmax = _mm256_set1_ps(m);
+        __m256 acc = _mm256_setzero_ps();
+        for (t = 0; t + 8 <= len; t += 8) {
+          const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmax));
+          _mm256_storeu_ps(s + t, p);
+          acc = _mm256_add_ps(acc, p);
+        }
+        float total = hsum(acc);
+        for (; t < len; t++) { s[t] = std::exp(s[t] - m); total += s[t]; }
         const float inv = 1.f / total;
-        for (int64_t t = 0; t < len; t++) s[t] *= inv;
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (t = 0; t + 8 <= len; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(vinv, _mm256_loadu_ps(s + t)));
+        for (; t < len; t++) s[t] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; t++) {

@@ -14,6 +14,19 @@ so a weight byte is read from memory exactly once per step:
   only the experts they route to;
 * ``rms_norm(x, weight, eps)``: transformers' RMSNorm (and its roundings) in one call instead of seven ops.
 
+Beyond decode, the same module holds the compute-bound CPU pieces that stock PyTorch runs slowly here:
+
+* ``prefill_attention(q, k, v, scale, offset)``: causal prefill attention (GQA, a cached prefix) as flash
+  attention on the BLAS sgemm, ~2x torch's SDPA at 512 tokens; ``attention_forward`` / ``_backward``: the
+  same for training in float32 (documents as a first visible key per token; backward from the saved
+  log-sum-exp, or the saved probabilities for rows of up to 256 tokens);
+* training passes in float32, one vector pass each: ``softmax_xent_rows`` (LM head softmax - onehot),
+  ``swiglu_train_forward`` / ``_backward`` (MoE experts), ``rms_norm_train_forward`` / ``_backward``,
+  ``rope_train``; used by ``qwenlab.model.fused`` where ``fused.cpu_kernels()`` finds this module.
+
+``SIMD_SOURCE`` (``exp8``, bf16 rounding of float lanes, the SwiGLU range) is shared with
+``qwenlab.quant.kernels``.
+
 ``load()`` compiles (about a minute, once; cached by torch in ~/.cache/torch_extensions) and returns None
 when the CPU lacks AVX2/FMA, no compiler works, or ``QWENLAB_KERNELS=0``: the engine then runs stock
 PyTorch. ``use_bf16_kernels(model)`` routes a bf16 model's Linear layers and experts through them.

@@ -590,6 +590,17 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 // Decode attention over a paged cache, one query token per sequence.
 // q [B, H, D]; caches [blocks, block_size, KVH, D] (float or bf16); block_tables [B, max_blocks] int32;
 // context_lens [B] int32. Returns [B, H, D] in q's dtype.
+// Keys/values of one KV head sit KVH * D apart in the cache (2 KiB for 8 bf16 heads of 128): two rows a
+// 4 KiB page, where the hardware's stride prefetch stops, so each row would wait on memory. The loops fetch
+// the row decode_prefetch_keys ahead themselves: batch 4 x 4,096 context (16 heads / 8 KV heads of 128,
+// bf16) 6.0-6.4 ms vs 11.3-17.0 without, 512 context 0.6-0.8 vs 0.8-1.0 (4, 8 and 16 keys ahead alike).
+int64_t decode_prefetch_keys = 8;
+template <typename T>
+inline void prefetch_row(const T* cache, const int32_t* table, int64_t t, int64_t bs, int64_t KVH, int64_t h, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(cache + ((int64_t(table[t / bs]) * bs + t % bs) * KVH + h) * D);
+  for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
 template <typename T>
 void paged_decode_impl(const float* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* lens,
                        float* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t max_blocks,
@@ -605,6 +616,7 @@ void paged_decode_impl(const float* q, const T* kc, const T* vc, const int32_t* 
       const float* qg = q + (b * H + h * G) * D;
       for (int64_t t = 0; t < len; t++) {
         const T* k = kc + ((int64_t(table[t / bs]) * bs + t % bs) * KVH + h) * D;
+        if (t + decode_prefetch_keys < len) prefetch_row(kc, table, t + decode_prefetch_keys, bs, KVH, h, D);
         for (int64_t g = 0; g < G; g++) {
           __m256 s = _mm256_setzero_ps();
           int64_t d = 0;
@@ -638,6 +650,7 @@ void paged_decode_impl(const float* q, const T* kc, const T* vc, const int32_t* 
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; t++) {
         const T* v = vc + ((int64_t(table[t / bs]) * bs + t % bs) * KVH + h) * D;
+        if (t + decode_prefetch_keys < len) prefetch_row(vc, table, t + decode_prefetch_keys, bs, KVH, h, D);
         for (int64_t g = 0; g < G; g++) {
           const __m256 p = _mm256_set1_ps(scores[g * len + t]);
           float* a = acc.data() + g * D;

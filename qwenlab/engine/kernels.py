@@ -697,11 +697,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 namespace {
 using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                           const int*, const float*, const int*, const float*, float*, const int*);
-sgemm_fn find_sgemm() {
-  void* f = dlsym(RTLD_DEFAULT, "sgemm_");
-  if (!f) {
-    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) f = dlsym(lib, "sgemm_");
-  }
+sgemm_fn find_sgemm() {  // torch's own (MKL, 32-bit integers) first, then whatever the process has
+  void* f = nullptr;
+  if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) f = dlsym(lib, "sgemm_");
+  if (!f) f = dlsym(RTLD_DEFAULT, "sgemm_");
   return reinterpret_cast<sgemm_fn>(f);
 }
 const sgemm_fn sgemm_ = find_sgemm();

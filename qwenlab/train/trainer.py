@@ -171,8 +171,8 @@ def _clip_into_optimizer(model, optimizer, max_norm: float, info: D.DistInfo) ->
 
 class TrainingAttention(DocumentAttention):
     """``DocumentAttention`` for a training forward. On CPU in float32: the compiled kernels' attention
-    (flash-attention order on the sgemm, backward recomputing the probabilities; 1.9x the blocked attention
-    forward + backward at S = 256), else the blocked attention of ``qwenlab.model.fused`` (batched matmuls
+    (flash-attention order on the sgemm; at S = 256 forward 2x, forward + backward 1.5x the blocked attention;
+    no S^2 memory bound), else the blocked attention of ``qwenlab.model.fused`` (batched matmuls
     over blocks of query rows, the causal upper triangle of blocks skipped); elsewhere the same kernels as
     ``DocumentAttention``."""
 

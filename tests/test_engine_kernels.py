@@ -281,3 +281,24 @@ def test_huge_pages_move_keeps_values_and_ties(monkeypatch):
     assert model[1].weight is model[0].weight
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_kv_cache_on_huge_pages(tmp_path, monkeypatch):
+    """The CPU KV cache lives in one MADV_HUGEPAGE mapping: zero-filled, 2 MiB-aligned, non-overlapping
+    tensors; QWENLAB_HUGE_PAGES=0 turns it off (plain torch.zeros)."""
+    from qwenlab.engine import huge_pages
+
+    a, b = huge_pages.zeros([(3, 4, 2, 8), (5, 7)], torch.bfloat16)
+    assert a.shape == (3, 4, 2, 8) and b.shape == (5, 7) and a.dtype == b.dtype == torch.bfloat16
+    assert not a.any() and not b.any()
+    assert a.data_ptr() % huge_pages.HUGE_PAGE == 0 and b.data_ptr() % huge_pages.HUGE_PAGE == 0
+    a.fill_(1.5)
+    assert not b.any() and bool((a == 1.5).all())
+    directory, _ = hf_checkpoint("qwen3", tmp_path / "q3", seed=3)
+    caches = make_engine(directory).runner.kv_caches
+    assert all(t.data_ptr() % huge_pages.HUGE_PAGE == 0 for pair in caches for t in pair)
+    assert len({t.data_ptr() for pair in caches for t in pair}) == 2 * len(caches)
+    monkeypatch.setenv("QWENLAB_HUGE_PAGES", "0")
+    assert huge_pages.zeros([(2,)], torch.float32) is None
+    k, v = make_engine(directory).runner.kv_caches[0]
+    assert not k.any() and not v.any()

@@ -1,4 +1,4 @@
-"""Model weights on transparent huge pages (Linux), for CPU decode.
+"""Model weights (and the KV cache) on transparent huge pages (Linux), for CPU decode.
 
 Batch-1 decode streams every weight once per token. With 4 KiB pages a thread's stream crosses a page
 boundary every 64 cache lines: a TLB miss each time, and the hardware prefetchers, which work within a
@@ -74,6 +74,42 @@ def move_to_huge_pages(model: torch.nn.Module, min_bytes: int = 1 << 18) -> int:
             offset += size
             _trim()
     return len(params)
+
+
+def zeros(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """Zero-filled CPU tensors of these shapes in one mapping advised ``MADV_HUGEPAGE`` (each 2 MiB-aligned),
+    or None where huge pages are off or the mapping fails. For the KV cache: decode attention reads one KV
+    head's rows ``num_kv_heads * head_dim`` apart, so on 4 KiB pages every other row is a new page and a TLB
+    miss (batch 4 x 4,096 context: 5.8 vs 7.5 ms a layer). The kernel zero-fills the pages on first touch:
+    nothing is written up front, and untouched blocks take no memory."""
+    if not enabled():
+        return None
+    item = torch.empty((), dtype=dtype).element_size()
+    sizes = []
+    for shape in shapes:
+        count = 1
+        for n in shape:
+            count *= n
+        sizes.append(-(-count * item // HUGE_PAGE) * HUGE_PAGE)
+    try:
+        mapping = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
+        return None
+    arena = torch.frombuffer(mapping, dtype=torch.uint8)  # the tensors keep the mapping alive
+    offset = (-arena.data_ptr()) % HUGE_PAGE
+    out = []
+    for shape, size in zip(shapes, sizes):
+        out.append(arena[offset:offset + size].view(dtype)[: _numel(shape)].view(shape))
+        offset += size
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
 
 
 PAGE, CHUNK = 4096, 32 << 20

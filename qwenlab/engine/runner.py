@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from . import huge_pages
 from .attention import AttentionMetadata, PagedAttention
 from .fused_decode import MAX_ROWS as MAX_FUSED_ROWS
 from .fused_decode import FusedDecode
@@ -39,9 +40,13 @@ class ModelRunner:
         self.kv_dtype = kv_dtype or self.dtype
         self.kernels = kernels
         shape = (num_blocks + 1, block_size, self.config.num_key_value_heads, self.config.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
-                          for _ in range(self.config.num_hidden_layers)]
+        layers = self.config.num_hidden_layers
+        # CPU: on transparent huge pages where available (decode attention's rows are 2 KiB apart: no TLB
+        # miss every other row), zero-filled by the kernel as blocks are first used
+        flat = huge_pages.zeros([shape] * (2 * layers), self.kv_dtype) if self.device.type == "cpu" else None
+        if flat is None:
+            flat = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(2 * layers)]
+        self.kv_caches = [(flat[2 * i], flat[2 * i + 1]) for i in range(layers)]
         self.scratch_block = num_blocks
         self.fused = None  # CPU bf16 decode steps in one kernel call (fused_decode.py); None = module route
         if kernels is not None and self.device.type == "cpu" and os.environ.get("QWENLAB_FUSED_DECODE", "1") != "0":

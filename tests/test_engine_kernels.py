@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from qwenlab.engine import kernels
 from qwenlab.engine.attention import gather_decode_attention
 from tests.conftest import hf_checkpoint
-from tests.test_engine_helpers import LogitsRecorder, greedy, make_engine, random_prompts, run_all, single_thread
+from tests.test_engine_helpers import (LogitsRecorder, assert_logits_match, greedy, make_engine, random_prompts, run_all,
+                                      single_thread)
 
 _threads = pytest.fixture(autouse=True)(single_thread)
 
@@ -302,3 +303,17 @@ def test_kv_cache_on_huge_pages(tmp_path, monkeypatch):
     assert huge_pages.zeros([(2,)], torch.float32) is None
     k, v = make_engine(directory).runner.kv_caches[0]
     assert not k.any() and not v.any()
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_chunked_prefill_with_and_without_the_kernels_matches_transformers(use_kernels, tmp_path):
+    """Later prefill chunks attend over the cached prefix: the kernels' prefill attention (offset) and the
+    SDPA route without kernels (bottom-right causal mask) both give transformers' logits."""
+    directory, hf = hf_checkpoint("qwen3", tmp_path / "q3", seed=5)
+    engine = make_engine(directory, max_num_batched_tokens=7, use_kernels=use_kernels)
+    assert (engine.kernels is not None) == use_kernels
+    recorder = LogitsRecorder(engine)
+    prompts = random_prompts([23, 16], seed=6)
+    finished = run_all(engine, {f"r{i}": (p, greedy(4)) for i, p in enumerate(prompts)})
+    for i, prompt in enumerate(prompts):
+        assert_logits_match(hf, prompt, finished[f"r{i}"].outputs[0].token_ids, recorder.rows[(f"r{i}", 0)])

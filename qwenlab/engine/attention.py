@@ -43,7 +43,8 @@ class PagedAttention:
         self.meta = meta
         self.block_size = block_size
         self.kernels = kernels
-        self._prefill_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per row, shared by all layers
+        self._prefill_inputs: dict[int, torch.Tensor] = {}  # per row, shared by all layers: cache block index
+        self._prefill_masks: dict[int, torch.Tensor] = {}  # and, for SDPA, the causal mask
         # the CPU kernel's causal prefill attention (sgemm-based flash attention, ~2x SDPA at 512 tokens)
         self._cpu_prefill = bool(kernels is not None and kv_caches and kv_caches[0][0].device.type == "cpu"
                                  and kernels.has_sgemm())
@@ -79,24 +80,31 @@ class PagedAttention:
     def _prefill(self, row: int, q, k, v, k_cache, v_cache, scale: float) -> torch.Tensor:
         n, ctx = q.shape[2], self.meta.context_lens[row]
         if ctx == n:  # the chunk starts the sequence: its own keys are all there is
-            keys, values, mask = k, v, None
+            keys, values = k, v
         else:
-            index, mask = self._prefill_inputs.get(row) or self._make_prefill_inputs(row, n, ctx, q.device)
+            index = self._prefill_inputs.get(row)
+            if index is None:
+                index = self._make_prefill_inputs(row, ctx, q.device)
             keys = k_cache[index].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)  # [1, nkv, ctx, hd]
             values = v_cache[index].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
         if self._cpu_prefill and keys.dtype == q.dtype and q.dtype in (torch.float32, torch.bfloat16):
             return self.kernels.prefill_attention(q, keys, values, scale, ctx - n)
-        if mask is None:
+        if ctx == n:
             return sdpa(q, k, v, scale, is_causal=n > 1)
-        return sdpa(q, keys.to(q.dtype), values.to(q.dtype), scale, attn_mask=mask)
+        return sdpa(q, keys.to(q.dtype), values.to(q.dtype), scale, attn_mask=self._prefill_mask(row, n, ctx, q.device))
 
-    def _make_prefill_inputs(self, row: int, n: int, ctx: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make_prefill_inputs(self, row: int, ctx: int, device) -> torch.Tensor:
         blocks = self.meta.block_tables[row][: -(-ctx // self.block_size)]
-        index = torch.tensor(blocks, device=device)
-        positions = torch.arange(ctx - n, ctx, device=device)
-        mask = torch.arange(ctx, device=device)[None, :] <= positions[:, None]
-        self._prefill_inputs[row] = (index, mask)
-        return index, mask
+        self._prefill_inputs[row] = index = torch.tensor(blocks, device=device)
+        return index
+
+    def _prefill_mask(self, row: int, n: int, ctx: int, device) -> torch.Tensor:
+        """[n, ctx] bottom-right causal mask of a later chunk, for SDPA only (the CPU kernel takes the offset)."""
+        mask = self._prefill_masks.get(row)
+        if mask is None:
+            positions = torch.arange(ctx - n, ctx, device=device)
+            self._prefill_masks[row] = mask = torch.arange(ctx, device=device)[None, :] <= positions[:, None]
+        return mask
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -15,6 +15,7 @@ proceeds (32 MiB at a time), so the peak resident size grows by 32 MiB or the la
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import sys
@@ -85,12 +86,7 @@ def zeros(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tenso
     if not enabled():
         return None
     item = torch.empty((), dtype=dtype).element_size()
-    sizes = []
-    for shape in shapes:
-        count = 1
-        for n in shape:
-            count *= n
-        sizes.append(-(-count * item // HUGE_PAGE) * HUGE_PAGE)
+    sizes = [-(-math.prod(shape) * item // HUGE_PAGE) * HUGE_PAGE for shape in shapes]
     try:
         mapping = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         mapping.madvise(mmap.MADV_HUGEPAGE)
@@ -100,16 +96,9 @@ def zeros(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tenso
     offset = (-arena.data_ptr()) % HUGE_PAGE
     out = []
     for shape, size in zip(shapes, sizes):
-        out.append(arena[offset:offset + size].view(dtype)[: _numel(shape)].view(shape))
+        out.append(arena[offset:offset + size].view(dtype)[: math.prod(shape)].view(shape))
         offset += size
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
 
 
 PAGE, CHUNK = 4096, 32 << 20

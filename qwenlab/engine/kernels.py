@@ -260,6 +260,36 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Softmax pieces over float rows, 8 lanes at a time (decode and prefill/training attention, the LM-head loss):
+// the largest of p[lo, hi); p[i] = exp(p[i] - m) over [lo, hi), returning their sum; p[0, n) *= s.
+inline float max_range(const float* p, int64_t lo, int64_t hi) {
+  __m256 vm = _mm256_set1_ps(-INFINITY);
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(p + i));
+  float m = hmax8(vm);
+  for (; i < hi; i++) m = std::max(m, p[i]);
+  return m;
+}
+inline float exp_range(float* p, int64_t lo, int64_t hi, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + i), vm));
+    _mm256_storeu_ps(p + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum(acc);
+  for (; i < hi; i++) { p[i] = std::exp(p[i] - m); sum += p[i]; }
+  return sum;
+}
+inline void scale_range(float* p, int64_t n, float s) {
+  const __m256 vs = _mm256_set1_ps(s);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, _mm256_mul_ps(vs, _mm256_loadu_ps(p + i)));
+  for (; i < n; i++) p[i] *= s;
+}
+
 // acc[i][j] = x[i, :] . w[j, :] for an MT x NT tile; x float rows (stride ldx), w bf16 rows (stride ldw).
 template <int MT, int NT, typename WT>
 inline void dot_tile(const float* x, int64_t ldx, const WT* w, int64_t ldw, int64_t K, float* out,
@@ -626,26 +656,9 @@ void paged_decode_impl(const float* q, const T* kc, const T* vc, const int32_t* 
           scores[g * len + t] = v * scale;
         }
       }
-      for (int64_t g = 0; g < G; g++) {  // softmax over the context, 8 lanes at a time (exp8)
+      for (int64_t g = 0; g < G; g++) {  // softmax over the context
         float* s = scores.data() + g * len;
-        __m256 vm = _mm256_set1_ps(-INFINITY);
-        int64_t t = 0;
-        for (; t + 8 <= len; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + t));
-        float m = hmax8(vm);
-        for (; t < len; t++) m = std::max(m, s[t]);
-        const __m256 vmax = _mm256_set1_ps(m);
-        __m256 acc = _mm256_setzero_ps();
-        for (t = 0; t + 8 <= len; t += 8) {
-          const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmax));
-          _mm256_storeu_ps(s + t, p);
-          acc = _mm256_add_ps(acc, p);
-        }
-        float total = hsum(acc);
-        for (; t < len; t++) { s[t] = std::exp(s[t] - m); total += s[t]; }
-        const float inv = 1.f / total;
-        const __m256 vinv = _mm256_set1_ps(inv);
-        for (t = 0; t + 8 <= len; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(vinv, _mm256_loadu_ps(s + t)));
-        for (; t < len; t++) s[t] *= inv;
+        scale_range(s, len, 1.f / exp_range(s, 0, len, max_range(s, 0, len)));
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; t++) {
@@ -807,32 +820,13 @@ void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T*
             if (first) std::fill(O.data() + r * D, O.data() + (r + 1) * D, 0.f);
             continue;
           }
-          __m256 vm = _mm256_set1_ps(-INFINITY);
-          int64_t c = lo;
-          for (; c + 8 <= hi; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(sr + c));
-          float mx = hmax8(vm);
-          for (; c < hi; c++) mx = std::max(mx, sr[c]);
-          const float mnew = std::max(m[r], mx);
-          const __m256 vmn = _mm256_set1_ps(mnew);
-          __m256 acc = _mm256_setzero_ps();
-          for (c = lo; c + 8 <= hi; c += 8) {
-            const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), vmn));
-            _mm256_storeu_ps(sr + c, p);
-            acc = _mm256_add_ps(acc, p);
-          }
-          float sum = hsum(acc);
-          for (; c < hi; c++) { sr[c] = std::exp(sr[c] - mnew); sum += sr[c]; }
+          const float mnew = std::max(m[r], max_range(sr, lo, hi));
+          const float sum = exp_range(sr, lo, hi, mnew);
           std::fill(sr, sr + lo, 0.f);
           std::fill(sr + hi, sr + (probs ? BK : bk), 0.f);
           const float alpha = std::exp(m[r] - mnew);  // 0 while the row had nothing (m = -inf)
           l[r] = l[r] * alpha + sum;
-          if (!first && alpha != 1.f) {
-            float* o = O.data() + r * D;
-            const __m256 va = _mm256_set1_ps(alpha);
-            int64_t d = 0;
-            for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(va, _mm256_loadu_ps(o + d)));
-            for (; d < D; d++) o[d] *= alpha;
-          }
+          if (!first && alpha != 1.f) scale_range(O.data() + r * D, D, alpha);
           m[r] = mnew;
         }
         gemm_nn(Rr, D, bk, 1.f, S.data(), BK, vp, ldv, first ? 0.f : 1.f, O.data(), D);
@@ -847,15 +841,8 @@ void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T*
           if (lse) lse[row] = m[r] + std::log(l[r]);
         }
       if (probs) {  // one key block (kend - kbegin <= BK): S holds this task's p, to be divided by l
-        float* dst = probs + t * R * BK;
-        for (int64_t r = 0; r < Rr; r++) {
-          const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-          const __m256 vinv = _mm256_set1_ps(inv);
-          const float* src = S.data() + r * BK;
-          int64_t c = 0;
-          for (; c + 8 <= BK; c += 8) _mm256_storeu_ps(dst + r * BK + c, _mm256_mul_ps(vinv, _mm256_loadu_ps(src + c)));
-          for (; c < BK; c++) dst[r * BK + c] = src[c] * inv;
-        }
+        for (int64_t r = 0; r < Rr; r++) scale_range(S.data() + r * BK, BK, l[r] > 0.f ? 1.f / l[r] : 0.f);
+        std::memcpy(probs + t * R * BK, S.data(), sizeof(float) * Rr * BK);
       }
     }
   });
@@ -971,8 +958,7 @@ AttnShape attention_shape(const torch::Tensor& q, const torch::Tensor& k, const 
 
 bool has_sgemm() { return sgemm_ != nullptr; }
 
-int64_t train_rows = 64;
-void set_train_rows(int64_t rows) { train_rows = rows; }
+constexpr int64_t TRAIN_ROWS = 64;  // query rows per training task (32, 96, 128 measured 3-5% slower at S = 256)
 
 // Engine prefill: q [1, H, n, D], k/v [1, KVH, offset + n, D] (float32 or bf16, any strides but head_dim's).
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale, int64_t offset) {
@@ -997,7 +983,7 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
 std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
                                              torch::Tensor first_key, bool keep_probs) {
   AttnShape s = attention_shape(q, k, v, 0, "attention_forward");
-  s.rows = train_rows;
+  s.rows = TRAIN_ROWS;
   TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_forward: float32 only");
   auto lo = first_key.numel() ? first_key.to(at::kInt).contiguous() : first_key;
   TORCH_CHECK(!lo.numel() || (lo.dim() == 2 && lo.size(0) == s.B && lo.size(1) == s.n), "attention_forward: first_key must be [B, S]");
@@ -1020,7 +1006,7 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, 
                                               torch::Tensor lse, torch::Tensor grad_out, double scale,
                                               torch::Tensor first_key, torch::Tensor probs) {
   AttnShape s = attention_shape(q, k, v, 0, "attention_backward");
-  s.rows = train_rows;
+  s.rows = TRAIN_ROWS;
   TORCH_CHECK(q.scalar_type() == at::kFloat && out.is_contiguous() && lse.is_contiguous(), "attention_backward: float32, saved out/lse");
   auto lo = first_key.numel() ? first_key.to(at::kInt).contiguous() : first_key;
   if (lo.numel()) s.lo = lo.data_ptr<int32_t>();
@@ -1050,24 +1036,9 @@ torch::Tensor softmax_xent_rows(torch::Tensor z, torch::Tensor targets) {
   at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       float* row = zp + r * V;
-      __m256 vm = _mm256_set1_ps(-INFINITY);
-      int64_t c = 0;
-      for (; c + 8 <= V; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(row + c));
-      float mx = hmax8(vm);
-      for (; c < V; c++) mx = std::max(mx, row[c]);
-      const __m256 vmx = _mm256_set1_ps(mx);
-      __m256 acc = _mm256_setzero_ps();
-      for (c = 0; c + 8 <= V; c += 8) {
-        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + c), vmx));
-        _mm256_storeu_ps(row + c, p);
-        acc = _mm256_add_ps(acc, p);
-      }
-      float sum = hsum(acc);
-      for (; c < V; c++) { row[c] = std::exp(row[c] - mx); sum += row[c]; }
-      const float inv = 1.f / sum;
-      const __m256 vinv = _mm256_set1_ps(inv);
-      for (c = 0; c + 8 <= V; c += 8) _mm256_storeu_ps(row + c, _mm256_mul_ps(vinv, _mm256_loadu_ps(row + c)));
-      for (; c < V; c++) row[c] *= inv;
+      const float mx = max_range(row, 0, V);
+      const float sum = exp_range(row, 0, V, mx);
+      scale_range(row, V, 1.f / sum);
       row[tp[r]] -= 1.f;
       lp[r] = std::log(sum) + mx;
     }
@@ -1840,7 +1811,7 @@ torch::Tensor argmax_bf16(torch::Tensor logits) {
 """
 
 _SOURCE = _SOURCE.replace("@SIMD@", SIMD_SOURCE)
-_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "set_train_rows", "attention_forward",
+_FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "attention_forward",
               "attention_backward", "softmax_xent_rows", "swiglu_train_forward", "swiglu_train_backward", "rms_norm_train_forward",
               "rms_norm_train_backward", "rope_train", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",

@@ -605,19 +605,26 @@ class DocumentAttention:
     """Causal attention restricted to each token's own document, for a [B, S] batch of packed rows.
 
     The model calls ``attend(layer_idx, q, k, v, scale)`` (see ``qwenlab.model.layers``); one boolean mask
-    [B, 1, S, S] is built per batch and shared by all layers. Rows holding a single document use the
+    [B, 1, S, S] is built per batch, when first needed, and shared by all layers. Rows holding a single document use the
     plain causal kernel instead.
     """
 
     def __init__(self, doc_ids):
-        import torch
-
-        S = doc_ids.shape[-1]
+        self.doc_ids = doc_ids
         self.single_document = bool((doc_ids == doc_ids[..., :1]).all())
-        self.mask = None
-        if not self.single_document:
-            causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
-            self.mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+        self._mask = None
+
+    @property
+    def mask(self):
+        """The [B, 1, S, S] mask (None for single-document rows), built on first use: a route that takes
+        the documents another way (the CPU kernels' first visible key) never pays for its S^2 bytes."""
+        if self._mask is None and not self.single_document:
+            import torch
+
+            S = self.doc_ids.shape[-1]
+            causal = torch.ones(S, S, dtype=torch.bool, device=self.doc_ids.device).tril()
+            self._mask = ((self.doc_ids[:, :, None] == self.doc_ids[:, None, :]) & causal).unsqueeze(1)
+        return self._mask
 
     def attend(self, layer_idx, q, k, v, scale):
         from ..model.layers import sdpa

@@ -178,13 +178,12 @@ class TrainingAttention(DocumentAttention):
 
     def __init__(self, doc_ids):
         super().__init__(doc_ids)
-        self._doc_ids = doc_ids
         self._kernel_inputs = None  # (ops, first visible key per token or None), built on first use
 
     def _kernel(self):
         if self._kernel_inputs is None:
-            ops = fused.cpu_kernels() if self._doc_ids.device.type == "cpu" else None
-            first_key = None if ops is None or self.single_document else fused.document_first_key(self._doc_ids)
+            ops = fused.cpu_kernels() if self.doc_ids.device.type == "cpu" else None
+            first_key = None if ops is None or self.single_document else fused.document_first_key(self.doc_ids)
             usable = ops is not None and (self.single_document or first_key is not None)
             self._kernel_inputs = (ops if usable else None, first_key)
         return self._kernel_inputs

@@ -35,9 +35,11 @@ def _kernels(monkeypatch, on: bool):
         monkeypatch.setattr(fused, "_CPU_KERNELS", [None])
 
 
+@pytest.mark.parametrize("vocab_block", [1024, 128])
 @pytest.mark.parametrize("kernels", [True, False])
-def test_linear_cross_entropy_matches_the_composition(monkeypatch, kernels):
+def test_linear_cross_entropy_matches_the_composition(monkeypatch, kernels, vocab_block):
     _kernels(monkeypatch, kernels)  # vocabulary 300: the vector passes leave a tail of 4
+    monkeypatch.setattr(fused, "_CPU_VOCAB_BLOCK", vocab_block)  # 128: the logits in blocks 128, 128, 44
     g = torch.Generator().manual_seed(0)
     h = torch.randn(70, 24, generator=g).requires_grad_()
     w = (torch.randn(300, 24, generator=g) * 0.3).requires_grad_()
@@ -46,7 +48,6 @@ def test_linear_cross_entropy_matches_the_composition(monkeypatch, kernels):
     for _ in range(2):  # the second call reuses the logits buffer
         ours = _grads(lambda: fused.linear_cross_entropy_sum(h, w, t) * 0.37, [h, w])
         _close(plain, ours)
-    assert not fused._WORKSPACE.busy
     with torch.no_grad():  # no gradient: the plain path
         assert torch.allclose(fused.linear_cross_entropy_sum(h, w, t), plain[0] / 0.37)
 
@@ -98,10 +99,55 @@ def test_moe_training_function_matches_the_composition(monkeypatch, grouped, ker
     if not grouped:
         monkeypatch.setattr(moe, "_grouped_mm", None)
     ours = _grads(run, params, grad)
+    _close(ours, _grads(run, params, grad))  # again, in the reused buffers (fused.POOL)
     monkeypatch.setattr(fused, "wants_fused", lambda *t: False)
     plain = _grads(run, params, grad)
     _close(plain, ours)
     assert float(ours[1][2][3].abs().max()) == 0.0 and float(ours[1][3][6].abs().max()) == 0.0
+
+
+def test_buffer_pool_hands_out_only_buffers_nothing_else_holds():
+    pool = fused.BufferPool(per_key=2)
+
+    def take(shape=(4, 8)):
+        return pool.empty("k", shape, torch.float32, torch.device("cpu"))
+
+    a, b = take(), take()
+    kept = {a.data_ptr(), b.data_ptr()}
+    assert len(kept) == 2
+    view = a[1:]  # a view keeps a's storage in use
+    del a
+    c = take((2, 8))
+    assert c.data_ptr() not in kept  # both kept buffers in use: a fresh one, not kept (two a key)
+    del c
+    w = torch.ones(32, requires_grad=True)
+    saved = b.view(-1).fill_(3.0)
+    loss = (w * saved).sum()  # autograd saves b's storage for the backward
+    del b, saved
+    d = take()
+    assert d.data_ptr() not in kept and len(pool.buffers[("k", torch.float32)]) == 2
+    loss.backward()
+    assert torch.equal(w.grad, torch.full((32,), 3.0))
+    del loss, view, d
+    e, f = take(), take()
+    assert {e.data_ptr(), f.data_ptr()} == kept  # all released: both reused
+    assert pool.empty("k", (3,), torch.float32, torch.device("meta")).device.type == "meta"  # not pooled
+
+
+def test_linear_cross_entropy_keeps_its_saved_logits_across_forwards():
+    # a second forward before the first graph's second backward (retain_graph) must not reuse its logits
+    g = torch.Generator().manual_seed(3)
+    h1, h2 = torch.randn(2, 30, 16, generator=g).unbind(0)
+    w = torch.randn(100, 16, generator=g).requires_grad_()
+    t = torch.randint(0, 100, (30,), generator=g)
+    first = fused.linear_cross_entropy_sum(h1, w, t)
+    first.backward(retain_graph=True)
+    grad = w.grad.clone()
+    w.grad = None
+    fused.linear_cross_entropy_sum(h2, w, t).backward()
+    w.grad = None
+    first.backward()
+    torch.testing.assert_close(w.grad, grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("route", ["kernel", "blocked"])

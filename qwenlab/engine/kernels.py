@@ -1047,16 +1047,16 @@ torch::Tensor softmax_xent_rows(torch::Tensor z, torch::Tensor targets) {
 }
 
 // MoE experts (training): gu [slots, 2I] = (gate | up) products, w [slots] routing weights ->
-// silu(gate), act = silu(gate) * up, weighted = act * w, each [slots, I], in one pass.
-std::vector<torch::Tensor> swiglu_train_forward(torch::Tensor gu, torch::Tensor w) {
+// out [3, slots, I] = silu(gate), act = silu(gate) * up, weighted = act * w, in one pass.
+void swiglu_train_forward(torch::Tensor gu, torch::Tensor w, torch::Tensor out) {
   TORCH_CHECK(gu.scalar_type() == at::kFloat && gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0 &&
               w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == gu.size(0),
               "swiglu_train_forward: contiguous float32 [slots, 2I] and [slots]");
   const int64_t S = gu.size(0), I = gu.size(1) / 2;
-  auto silu = torch::empty({S, I}, gu.options()), act = torch::empty({S, I}, gu.options()),
-       weighted = torch::empty({S, I}, gu.options());
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == 3 * S * I,
+              "swiglu_train_forward: out must be contiguous float32 [3, slots, I]");
   const float *g = gu.data_ptr<float>(), *wp = w.data_ptr<float>();
-  float *sp = silu.data_ptr<float>(), *ap = act.data_ptr<float>(), *op = weighted.data_ptr<float>();
+  float *sp = out.data_ptr<float>(), *ap = sp + S * I, *op = ap + S * I;
   at::parallel_for(0, S, 16, [&](int64_t r0, int64_t r1) {
     const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
     for (int64_t r = r0; r < r1; r++) {
@@ -1078,19 +1078,18 @@ std::vector<torch::Tensor> swiglu_train_forward(torch::Tensor gu, torch::Tensor 
       }
     }
   });
-  return {silu, act, weighted};
 }
 
 // Its backward: grad_act [slots, I] (gradient of `weighted` times the down projection), with gu, w, silu,
-// act from the forward -> grad_gu [slots, 2I] (gate | up) and grad_w [slots] = rowsum(grad_act * act).
-std::vector<torch::Tensor> swiglu_train_backward(torch::Tensor grad_act, torch::Tensor gu, torch::Tensor w,
-                                                 torch::Tensor silu, torch::Tensor act) {
-  for (const auto& t : {grad_act, gu, w, silu, act})
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "swiglu_train_backward: contiguous float32 inputs");
+// act from the forward -> grad_gu [slots, 2I] (gate | up, written into the given tensor) and, returned,
+// grad_w [slots] = rowsum(grad_act * act).
+torch::Tensor swiglu_train_backward(torch::Tensor grad_act, torch::Tensor gu, torch::Tensor w, torch::Tensor silu,
+                                    torch::Tensor act, torch::Tensor grad_gu) {
+  for (const auto& t : {grad_act, gu, w, silu, act, grad_gu})
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "swiglu_train_backward: contiguous float32 tensors");
   const int64_t S = gu.size(0), I = gu.size(1) / 2;
-  TORCH_CHECK(grad_act.numel() == S * I && silu.numel() == S * I && act.numel() == S * I && w.numel() == S,
-              "swiglu_train_backward: shapes");
-  auto grad_gu = torch::empty({S, 2 * I}, gu.options());
+  TORCH_CHECK(grad_act.numel() == S * I && silu.numel() == S * I && act.numel() == S * I && w.numel() == S &&
+              grad_gu.numel() == 2 * S * I, "swiglu_train_backward: shapes");
   auto grad_w = torch::empty({S}, gu.options());
   const float *ga = grad_act.data_ptr<float>(), *g = gu.data_ptr<float>(), *wp = w.data_ptr<float>(),
               *sp = silu.data_ptr<float>(), *ap = act.data_ptr<float>();
@@ -1127,7 +1126,7 @@ std::vector<torch::Tensor> swiglu_train_backward(torch::Tensor grad_act, torch::
       gw[r] = dsum;
     }
   });
-  return {grad_gu, grad_w};
+  return grad_w;
 }
 
 // RMSNorm (training, float32): out = w * x * rstd, rstd = 1 / sqrt(mean(x^2) + eps), one pass a row.

@@ -599,6 +599,7 @@ def train(config: RunConfig, resume: bool = False, stop_after: int | None = None
         D.barrier(info)
         return summary
     finally:
+        fused.POOL.clear()  # the training passes' reused buffers (activations of a step) go back
         D.shutdown(info)
 
 

@@ -134,6 +134,19 @@ def test_buffer_pool_hands_out_only_buffers_nothing_else_holds():
     assert pool.empty("k", (3,), torch.float32, torch.device("meta")).device.type == "meta"  # not pooled
 
 
+def test_embedding_matches_the_module():
+    g = torch.Generator().manual_seed(4)
+    module = torch.nn.Embedding(50, 8)
+    ids = torch.randint(0, 50, (3, 40), generator=g)  # repeated ids: their gradients add up
+    grad = torch.randn(3, 40, 8, generator=g)
+    plain = _grads(lambda: module(ids), [module.weight], grad)
+    for _ in range(2):  # the second backward reuses the gradient buffer
+        _close(plain, _grads(lambda: fused.embedding(ids, module), [module.weight], grad))
+    padded = torch.nn.Embedding(50, 8, padding_idx=int(ids[0, 0]))  # module options: the module itself runs
+    out, (grad_weight,) = _grads(lambda: fused.embedding(ids, padded), [padded.weight], grad)
+    assert float(grad_weight[padded.padding_idx].abs().max()) == 0.0
+
+
 def test_linear_cross_entropy_keeps_its_saved_logits_across_forwards():
     # a second forward before the first graph's second backward (retain_graph) must not reuse its logits
     g = torch.Generator().manual_seed(3)

@@ -88,8 +88,8 @@ class _ExpertsFFN(torch.autograd.Function):
     [slots, I] activation before the down projection (then its gradient is a dot over I); the [slots, I]
     intermediates are kept for the backward (nothing recomputed), which uses the fused silu_backward kernel.
     Same math as the composition; measured ~10-15% less time per MoE layer than autograd through it. With the
-    compiled kernels (float32), the activations and gradients other than the weights' live in buffers reused
-    from step to step (``fused.POOL``): no page faults (~7,000 a step of the MoE benchmark model before)."""
+    compiled kernels (float32), the activations and gradients live in buffers reused from step to step
+    (``fused.POOL``): no page faults (~7,000 a step of the MoE benchmark model before)."""
 
     @staticmethod
     def forward(ctx, x, slot_weights, gate_up, down, token_of_slot, counts, offsets):
@@ -120,7 +120,8 @@ class _ExpertsFFN(torch.autograd.Function):
         pool = _Buffers(xs) if ops is not None else None
         grad_out = grad_out.contiguous()
         gys = torch.index_select(grad_out, 0, token_of_slot, out=pool("gys", xs.shape)) if pool else F.embedding(token_of_slot, grad_out)
-        grad_down = _grouped_weight_grad(gys, weighted, counts, offsets) if ctx.needs_input_grad[3] else None
+        grad_down = (_grouped_weight_grad(gys, weighted, counts, offsets, pool and pool("grad_down", down.shape))
+                     if ctx.needs_input_grad[3] else None)
         grad_act = _grouped(gys, down, counts, offsets, pool and pool("grad_act", act.shape))
         if ops is not None:  # both halves of grad_gu and the routing weights' gradient in one pass
             grad_gu = pool("grad_gu", gu.shape)
@@ -132,7 +133,8 @@ class _ExpertsFFN(torch.autograd.Function):
             grad_gu = torch.empty_like(gu)
             torch.mul(grad_act, silu_gate, out=grad_gu[:, inter:])
             torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gu[:, :inter])
-        grad_gate_up = _grouped_weight_grad(grad_gu, xs, counts, offsets) if ctx.needs_input_grad[2] else None
+        grad_gate_up = (_grouped_weight_grad(grad_gu, xs, counts, offsets, pool and pool("grad_gate_up", gate_up.shape))
+                        if ctx.needs_input_grad[2] else None)
         grad_xs = _grouped(grad_gu, gate_up, counts, offsets, pool and pool("grad_xs", xs.shape))
         grad_x = pool("grad_x", grad_out.shape).zero_() if pool else torch.zeros_like(grad_out, dtype=xs.dtype)
         grad_x.index_add_(0, token_of_slot, grad_xs)
@@ -157,11 +159,14 @@ def _grouped(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: 
     return out
 
 
-def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
-    """Per-expert grad.T @ x over each expert's row slice: [E, grad cols, x cols] (zeros for idle experts)."""
-    if _grouped_ok(x):
+def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: list[int], offsets: torch.Tensor,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-expert grad.T @ x over each expert's row slice: [E, grad cols, x cols] (zeros for idle experts);
+    into ``out`` when given."""
+    if out is None and _grouped_ok(x):
         return _grouped_mm(grad.t(), x, offs=offsets)
-    out = grad.new_empty(len(counts), grad.shape[1], x.shape[1])
+    if out is None:
+        out = grad.new_empty(len(counts), grad.shape[1], x.shape[1])
     for e, count in enumerate(counts):
         if not count:
             out[e].zero_()

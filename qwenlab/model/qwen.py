@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import RequestError
+from . import fused
 from .fused import linear_cross_entropy_sum
 from .layers import MLP, Attention, CausalAttention, RMSNorm, RotaryEmbedding
 from .moe import Experts, SparseMoE, load_balancing_loss
@@ -109,7 +110,7 @@ class QwenForCausalLM(nn.Module):
         input_ids = self._check_ids(input_ids)
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        h = self.model.embed_tokens(input_ids)
+        h = fused.embedding(input_ids, self.model.embed_tokens)
         cos, sin = self.model.rotary(positions, h.dtype)
         context = context if context is not None else CausalAttention()
         router_logits = []

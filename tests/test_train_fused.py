@@ -76,10 +76,21 @@ def test_rms_norm_and_rope_match_the_composition(monkeypatch, kernels):
     _close(_grads(plain_rope, [q], grad), _grads(lambda: fused.apply_rope(q, cos, sin), [q], grad))
 
 
-@pytest.mark.parametrize("kernels", [True, False])
-@pytest.mark.parametrize("grouped", [True, False])
-def test_moe_training_function_matches_the_composition(monkeypatch, grouped, kernels):
+@pytest.mark.parametrize("kernels,grouped,threads", [(True, True, 1), (True, True, 2), (False, True, 1),
+                                                     (False, False, 1)])
+def test_moe_training_function_matches_the_composition(monkeypatch, grouped, kernels, threads):
+    """kernels: the compiled SwiGLU passes and grouped matmuls (experts spread over the threads); else
+    torch's grouped_mm or (grouped False) the loop of matmuls."""
     _kernels(monkeypatch, kernels)  # intermediate size 20: the vector SwiGLU passes leave a tail of 4
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _moe_training_function_matches_the_composition(monkeypatch, grouped)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _moe_training_function_matches_the_composition(monkeypatch, grouped):
     g = torch.Generator().manual_seed(2)
     experts = moe.Experts(8, 32, 20)
     with torch.no_grad():

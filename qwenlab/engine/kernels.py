@@ -1129,6 +1129,70 @@ torch::Tensor swiglu_train_backward(torch::Tensor grad_act, torch::Tensor gu, to
   return grad_w;
 }
 
+// MoE experts (training, float32) on the sgemm: rows of `a` grouped by expert, `counts` rows each in order.
+// One call instead of a Python loop of slices and matmuls (grouped_mm has no out= form); experts spread over
+// the threads (each sgemm then single-threaded).
+// grouped_mm_rows: out[rows_e] = a[rows_e] . b[e], a [S, K] and out [S, N] row-contiguous, b [E, K, N] with
+// unit stride in either of its last two dimensions.
+void grouped_mm_rows(torch::Tensor a, torch::Tensor b, std::vector<int64_t> counts, torch::Tensor out) {
+  TORCH_CHECK(sgemm_ != nullptr, "grouped_mm_rows: no sgemm in this torch build");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+              a.dim() == 2 && b.dim() == 3 && out.dim() == 2 && a.stride(1) == 1 && out.stride(1) == 1 &&
+              (b.stride(2) == 1 || b.stride(1) == 1), "grouped_mm_rows: float32 a [S, K], b [E, K, N], out [S, N]");
+  const int64_t E = b.size(0), K = b.size(1), N = b.size(2);
+  TORCH_CHECK(a.size(1) == K && out.size(1) == N && out.size(0) == a.size(0) && (int64_t)counts.size() == E,
+              "grouped_mm_rows: shapes");
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; e++) start[e + 1] = start[e] + counts[e];
+  TORCH_CHECK(start[E] == a.size(0), "grouped_mm_rows: counts must add up to the rows");
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int lda = a.stride(0), ldo = out.stride(0);
+  const bool b_rows = b.stride(2) == 1;  // b[e] row-major [K, N]; else b[e]^T is, [N, K]
+  const int ldb = b_rows ? b.stride(1) : b.stride(2);
+  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; e++) {
+      const int M = counts[e];
+      if (!M) continue;
+      const float* A = ap + start[e] * lda;
+      const float* B = bp + e * b.stride(0);
+      float* C = op + start[e] * ldo;
+      if (b_rows) gemm_nn(M, N, K, 1.f, A, lda, B, ldb, 0.f, C, ldo);
+      else gemm_nt(M, N, K, 1.f, A, lda, B, ldb, 0.f, C, ldo);
+    }
+  });
+}
+
+// grouped_mm_weights: out[e] = a[rows_e]^T . c[rows_e] (a [S, M], c [S, N] row-contiguous, out [E, M, N]
+// contiguous; zeros for an expert without rows): the experts' weight gradients.
+void grouped_mm_weights(torch::Tensor a, torch::Tensor c, std::vector<int64_t> counts, torch::Tensor out) {
+  TORCH_CHECK(sgemm_ != nullptr, "grouped_mm_weights: no sgemm in this torch build");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+              a.dim() == 2 && c.dim() == 2 && out.dim() == 3 && a.stride(1) == 1 && c.stride(1) == 1 &&
+              out.is_contiguous(), "grouped_mm_weights: float32 a [S, M], c [S, N], contiguous out [E, M, N]");
+  const int64_t E = out.size(0), M = out.size(1), N = out.size(2);
+  TORCH_CHECK(a.size(1) == M && c.size(1) == N && a.size(0) == c.size(0) && (int64_t)counts.size() == E,
+              "grouped_mm_weights: shapes");
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; e++) start[e + 1] = start[e] + counts[e];
+  TORCH_CHECK(start[E] == a.size(0), "grouped_mm_weights: counts must add up to the rows");
+  const float* ap = a.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int lda = a.stride(0), ldc = c.stride(0);
+  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; e++) {
+      float* C = op + e * M * N;
+      if (!counts[e]) {
+        std::fill(C, C + M * N, 0.f);
+        continue;
+      }
+      gemm_tn(M, N, counts[e], ap + start[e] * lda, lda, cp + start[e] * ldc, ldc, 0.f, C, N);
+    }
+  });
+}
+
 // RMSNorm (training, float32): out = w * x * rstd, rstd = 1 / sqrt(mean(x^2) + eps), one pass a row.
 std::vector<torch::Tensor> rms_norm_train_forward(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.is_contiguous() &&
@@ -1811,7 +1875,8 @@ torch::Tensor argmax_bf16(torch::Tensor logits) {
 
 _SOURCE = _SOURCE.replace("@SIMD@", SIMD_SOURCE)
 _FUNCTIONS = ["linear_bf16", "rms_norm", "paged_decode_attention", "prefill_attention", "has_sgemm", "attention_forward",
-              "attention_backward", "softmax_xent_rows", "swiglu_train_forward", "swiglu_train_backward", "rms_norm_train_forward",
+              "attention_backward", "softmax_xent_rows", "swiglu_train_forward", "swiglu_train_backward", "grouped_mm_rows",
+              "grouped_mm_weights", "rms_norm_train_forward",
               "rms_norm_train_backward", "rope_train", "moe_experts_bf16", "attention_inputs",
               "mlp_bf16", "write_kv", "set_blas_min_rows", "set_packed_min_rows", "read_sum", "set_chunks_per_thread",
               "pool_run_address", "paged_decode_address"]

@@ -94,10 +94,10 @@ class _ExpertsFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, slot_weights, gate_up, down, token_of_slot, counts, offsets):
         inter, (slots, hidden) = down.shape[2], (token_of_slot.shape[0], x.shape[1])
-        ops = fused.cpu_kernels() if x.dtype == torch.float32 == slot_weights.dtype else None
+        ops = fused.cpu_kernels() if _all_float32(x, slot_weights, gate_up, down) else None
         pool = _Buffers(x) if ops is not None else None
         xs = torch.index_select(x, 0, token_of_slot, out=pool("xs", (slots, hidden))) if pool else F.embedding(token_of_slot, x)
-        gu = _grouped(xs, gate_up.transpose(1, 2), counts, offsets, pool and pool("gu", (slots, 2 * inter)))
+        gu = _grouped(xs, gate_up.transpose(1, 2), counts, offsets, pool and pool("gu", (slots, 2 * inter)), ops)
         if ops is not None:  # silu, the product and the routing weight in one vectorised pass
             swiglu = pool("swiglu", (3, slots, inter))
             ops.swiglu_train_forward(gu, slot_weights.contiguous(), swiglu)
@@ -106,7 +106,7 @@ class _ExpertsFFN(torch.autograd.Function):
             silu_gate = F.silu(gu[:, :inter])
             act = silu_gate * gu[:, inter:]
             weighted = act * slot_weights[:, None]
-        ys = _grouped(weighted, down.transpose(1, 2), counts, offsets, pool and pool("ys", (slots, hidden)))
+        ys = _grouped(weighted, down.transpose(1, 2), counts, offsets, pool and pool("ys", (slots, hidden)), ops)
         ctx.save_for_backward(xs, gu, silu_gate, act, weighted, slot_weights, gate_up, down, token_of_slot, offsets)
         ctx.counts = counts
         out = pool("out", x.shape).zero_() if pool else torch.zeros_like(x)
@@ -116,13 +116,13 @@ class _ExpertsFFN(torch.autograd.Function):
     def backward(ctx, grad_out):
         xs, gu, silu_gate, act, weighted, slot_weights, gate_up, down, token_of_slot, offsets = ctx.saved_tensors
         counts, inter = ctx.counts, down.shape[2]
-        ops = fused.cpu_kernels() if gu.dtype == torch.float32 == slot_weights.dtype else None
+        ops = fused.cpu_kernels() if _all_float32(gu, slot_weights, gate_up, down) else None
         pool = _Buffers(xs) if ops is not None else None
         grad_out = grad_out.contiguous()
         gys = torch.index_select(grad_out, 0, token_of_slot, out=pool("gys", xs.shape)) if pool else F.embedding(token_of_slot, grad_out)
-        grad_down = (_grouped_weight_grad(gys, weighted, counts, offsets, pool and pool("grad_down", down.shape))
+        grad_down = (_grouped_weight_grad(gys, weighted, counts, offsets, pool and pool("grad_down", down.shape), ops)
                      if ctx.needs_input_grad[3] else None)
-        grad_act = _grouped(gys, down, counts, offsets, pool and pool("grad_act", act.shape))
+        grad_act = _grouped(gys, down, counts, offsets, pool and pool("grad_act", act.shape), ops)
         if ops is not None:  # both halves of grad_gu and the routing weights' gradient in one pass
             grad_gu = pool("grad_gu", gu.shape)
             grad_weights = ops.swiglu_train_backward(grad_act, gu, slot_weights.contiguous(), silu_gate, act, grad_gu)
@@ -133,12 +133,17 @@ class _ExpertsFFN(torch.autograd.Function):
             grad_gu = torch.empty_like(gu)
             torch.mul(grad_act, silu_gate, out=grad_gu[:, inter:])
             torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gu[:, :inter])
-        grad_gate_up = (_grouped_weight_grad(grad_gu, xs, counts, offsets, pool and pool("grad_gate_up", gate_up.shape))
+        grad_gate_up = (_grouped_weight_grad(grad_gu, xs, counts, offsets, pool and pool("grad_gate_up", gate_up.shape),
+                                             ops)
                         if ctx.needs_input_grad[2] else None)
-        grad_xs = _grouped(grad_gu, gate_up, counts, offsets, pool and pool("grad_xs", xs.shape))
+        grad_xs = _grouped(grad_gu, gate_up, counts, offsets, pool and pool("grad_xs", xs.shape), ops)
         grad_x = pool("grad_x", grad_out.shape).zero_() if pool else torch.zeros_like(grad_out, dtype=xs.dtype)
         grad_x.index_add_(0, token_of_slot, grad_xs)
         return grad_x, grad_weights, grad_gate_up, grad_down, None, None, None
+
+
+def _all_float32(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors)
 
 
 def _Buffers(like: torch.Tensor):
@@ -147,26 +152,33 @@ def _Buffers(like: torch.Tensor):
 
 
 def _grouped(x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, ops=None) -> torch.Tensor:
     """Row slices of ``x`` (sizes ``counts``) times ``weight[e]`` ([in, out] per expert, any strides); into
-    ``out`` when given (a loop of matmuls: grouped_mm has no out= form; the same speed here)."""
+    ``out`` when given (grouped_mm has no out= form): by the compiled kernels' ``grouped_mm_rows`` where
+    ``ops`` is given, else a loop of matmuls."""
     if out is None and _grouped_ok(x):
         return _grouped_mm(x, weight, offs=offsets)
     if out is None:
         out = x.new_empty(x.shape[0], weight.shape[2])
+    if ops is not None:
+        ops.grouped_mm_rows(x, weight, counts, out)
+        return out
     for e, rows in _expert_rows(counts):
         torch.mm(x[rows], weight[e], out=out[rows])
     return out
 
 
 def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: list[int], offsets: torch.Tensor,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, ops=None) -> torch.Tensor:
     """Per-expert grad.T @ x over each expert's row slice: [E, grad cols, x cols] (zeros for idle experts);
-    into ``out`` when given."""
+    into ``out`` when given (by ``ops.grouped_mm_weights`` where ``ops`` is given)."""
     if out is None and _grouped_ok(x):
         return _grouped_mm(grad.t(), x, offs=offsets)
     if out is None:
         out = grad.new_empty(len(counts), grad.shape[1], x.shape[1])
+    if ops is not None:
+        ops.grouped_mm_weights(grad, x, counts, out)
+        return out
     for e, count in enumerate(counts):
         if not count:
             out[e].zero_()

@@ -85,8 +85,9 @@ class _ExpertsFFN(torch.autograd.Function):
     """Training on CPU: gather the token slots by expert, SwiGLU experts, routing weights, scatter back, all
     in one Function with a hand-written backward (grouped matmuls over the contiguous per-expert slices of
     the sorted slots, or a loop of matmuls where torch has no grouped_mm). The routing weight scales the
-    [slots, I] activation before the down projection (then its gradient is a dot over I); the [slots, I]
-    intermediates are kept for the backward (nothing recomputed), which uses the fused silu_backward kernel.
+    [slots, I] activation before the down projection (then its gradient is a dot over I). With the compiled
+    kernels the backward recomputes silu from the kept [slots, 2I] gate/up products (one vector pass each
+    way); without them the [slots, I] intermediates are kept and the fused silu_backward kernel is used.
     Same math as the composition; measured ~10-15% less time per MoE layer than autograd through it. With the
     compiled kernels (float32), the activations and gradients live in buffers reused from step to step
     (``fused.POOL``): no page faults (~7,000 a step of the MoE benchmark model before)."""
@@ -98,10 +99,10 @@ class _ExpertsFFN(torch.autograd.Function):
         pool = _Buffers(x) if ops is not None else None
         xs = torch.index_select(x, 0, token_of_slot, out=pool("xs", (slots, hidden))) if pool else F.embedding(token_of_slot, x)
         gu = _grouped(xs, gate_up.transpose(1, 2), counts, offsets, pool and pool("gu", (slots, 2 * inter)), ops)
-        if ops is not None:  # silu, the product and the routing weight in one vectorised pass
-            swiglu = pool("swiglu", (3, slots, inter))
-            ops.swiglu_train_forward(gu, slot_weights.contiguous(), swiglu)
-            silu_gate, act, weighted = swiglu.unbind(0)
+        if ops is not None:  # silu, the product and the routing weight in one vectorised pass (recomputed in backward)
+            weighted = pool("weighted", (slots, inter))
+            ops.swiglu_train_forward(gu, slot_weights.contiguous(), weighted)
+            silu_gate = act = None
         else:
             silu_gate = F.silu(gu[:, :inter])
             act = silu_gate * gu[:, inter:]
@@ -122,10 +123,10 @@ class _ExpertsFFN(torch.autograd.Function):
         gys = torch.index_select(grad_out, 0, token_of_slot, out=pool("gys", xs.shape)) if pool else F.embedding(token_of_slot, grad_out)
         grad_down = (_grouped_weight_grad(gys, weighted, counts, offsets, pool and pool("grad_down", down.shape), ops)
                      if ctx.needs_input_grad[3] else None)
-        grad_act = _grouped(gys, down, counts, offsets, pool and pool("grad_act", act.shape), ops)
+        grad_act = _grouped(gys, down, counts, offsets, pool and pool("grad_act", weighted.shape), ops)
         if ops is not None:  # both halves of grad_gu and the routing weights' gradient in one pass
             grad_gu = pool("grad_gu", gu.shape)
-            grad_weights = ops.swiglu_train_backward(grad_act, gu, slot_weights.contiguous(), silu_gate, act, grad_gu)
+            grad_weights = ops.swiglu_train_backward(grad_act, gu, slot_weights.contiguous(), grad_gu)
         else:
             gate, up = gu[:, :inter], gu[:, inter:]
             grad_weights = torch.linalg.vecdot(grad_act, act, dim=-1) if ctx.needs_input_grad[1] else None

@@ -44,7 +44,7 @@ class BufferPool:
 
     def __init__(self, per_key: int = 64):
         self.per_key = per_key
-        self.buffers: dict[tuple, list[torch.Tensor]] = {}
+        self.buffers: dict[tuple, list[tuple[torch.Tensor, int]]] = {}  # (buffer, its storage's count when idle)
 
     def empty(self, key: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         shape = tuple(shape)
@@ -52,24 +52,31 @@ class BufferPool:
             return torch.empty(shape, dtype=dtype, device=device)
         size = math.prod(shape)
         kept = self.buffers.setdefault((key, dtype), [])
-        for buffer in kept:
-            if buffer.numel() >= size and _storage_use_count(buffer.untyped_storage()._cdata) <= _UNUSED:
+        for buffer, idle in kept:
+            if buffer.numel() >= size and _uses(buffer) <= idle:
                 return buffer[:size].view(shape)
-        buffer = torch.empty(size, dtype=dtype)
+        buffer = self._allocate(size, dtype)
         if len(kept) >= self.per_key:  # full: replace a free (too small) one, if any
-            free = [i for i, b in enumerate(kept) if _storage_use_count(b.untyped_storage()._cdata) <= _UNUSED]
+            free = [i for i, (b, idle) in enumerate(kept) if _uses(b) <= idle]
             if free:
                 kept.pop(free[0])
         if len(kept) < self.per_key:
-            kept.append(buffer)
+            kept.append((buffer, _uses(buffer)))
         return buffer[:size].view(shape)
+
+    def _allocate(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype)
 
     def clear(self) -> None:
         self.buffers.clear()
 
 
+def _uses(buffer: torch.Tensor) -> int:
+    """References to the buffer's storage (counting the temporary storage object of this call)."""
+    return _storage_use_count(buffer.untyped_storage()._cdata)
+
+
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-_UNUSED = 2  # the kept tensor and the temporary storage object of the check
 POOL = BufferPool()
 
 

@@ -505,6 +505,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--only", choices=["dense", "moe"], default=None)
     parser.add_argument("--out", default=None, help="write the results as JSON")
+    parser.add_argument("--plot", default=None, help="bar chart of the CPU results (PNG; default "
+                        "docs/bench_train.png when every model and workload runs, '' for none)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
@@ -636,6 +638,36 @@ def main() -> None:
               f"{r['transformers']['median_step_cpu_s']:.3f} s; {r['qwenlab']['median_minor_page_faults']:,.0f} / "
               f"{r['transformers']['median_minor_page_faults']:,.0f} faults")
     write_json(args.out, args, results)
+    plot_path = args.plot if args.plot is not None else (
+        str(REPO / "docs" / "bench_train.png") if args.only is None and args.workloads == "pretrain,sft" else "")
+    if plot_path:
+        plot(results, args, plot_path)
+        print(f"wrote {plot_path}")
+
+
+def plot(results: list[dict], args, path: str) -> None:
+    """tokens/s of both libraries per workload and model, the CPU-time speedup over each pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['workload']}\n{r['model'].split(' (')[0]}" for r in results]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    x = range(len(results))
+    for offset, library in ((-0.2, "qwenlab"), (0.2, "transformers")):
+        ax.bar([i + offset for i in x], [r[library]["tokens_per_s"] for r in results], 0.4, label=library)
+    for i, r in enumerate(results):
+        top = max(r["qwenlab"]["tokens_per_s"], r["transformers"]["tokens_per_s"])
+        ax.text(i, top * 1.02, f"{r['speedup_cpu_time']:.2f}x", ha="center", fontsize=9)
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("training tokens/s (one thread)")
+    ax.set_title(f"Training step, float32, batch {args.batch} x {args.seq_len}, CPU "
+                 f"(median of {args.repeats}; CPU-time speedup above)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

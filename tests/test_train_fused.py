@@ -117,6 +117,19 @@ def _moe_training_function_matches_the_composition(monkeypatch, grouped):
     assert float(ours[1][2][3].abs().max()) == 0.0 and float(ours[1][3][6].abs().max()) == 0.0
 
 
+def test_grouped_matmul_kernels_check_their_counts():
+    ops = fused.cpu_kernels()
+    assert ops is not None, "the CPU kernels must build on this machine"
+    a, b = torch.randn(6, 4), torch.randn(2, 4, 3)
+    out = torch.empty(6, 3)
+    ops.grouped_mm_rows(a, b, [2, 4], out)
+    torch.testing.assert_close(out, torch.cat([a[:2] @ b[0], a[2:] @ b[1]]))
+    with pytest.raises(RuntimeError, match="counts must add up to the rows"):
+        ops.grouped_mm_rows(a, b, [2, 3], out)
+    with pytest.raises(RuntimeError, match="negative count"):
+        ops.grouped_mm_weights(a, torch.randn(6, 3), [7, -1], torch.empty(2, 4, 3))
+
+
 def test_buffer_pool_hands_out_only_buffers_nothing_else_holds():
     pool = fused.BufferPool(per_key=2)
 

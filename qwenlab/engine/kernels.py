@@ -1127,6 +1127,17 @@ torch::Tensor swiglu_train_backward(torch::Tensor grad_act, torch::Tensor gu, to
 // MoE experts (training, float32) on the sgemm: rows of `a` grouped by expert, `counts` rows each in order.
 // One call instead of a Python loop of slices and matmuls (grouped_mm has no out= form); experts spread over
 // the threads (each sgemm then single-threaded).
+// First row of each expert's slice (E + 1 entries), checking the counts against the rows.
+std::vector<int64_t> expert_starts(const std::vector<int64_t>& counts, int64_t rows, const char* what) {
+  std::vector<int64_t> start(counts.size() + 1, 0);
+  for (size_t e = 0; e < counts.size(); e++) {
+    TORCH_CHECK(counts[e] >= 0, what, ": negative count");
+    start[e + 1] = start[e] + counts[e];
+  }
+  TORCH_CHECK(start.back() == rows, what, ": counts must add up to the rows");
+  return start;
+}
+
 // grouped_mm_rows: out[rows_e] = a[rows_e] . b[e], a [S, K] and out [S, N] row-contiguous, b [E, K, N] with
 // unit stride in either of its last two dimensions.
 void grouped_mm_rows(torch::Tensor a, torch::Tensor b, std::vector<int64_t> counts, torch::Tensor out) {
@@ -1137,9 +1148,7 @@ void grouped_mm_rows(torch::Tensor a, torch::Tensor b, std::vector<int64_t> coun
   const int64_t E = b.size(0), K = b.size(1), N = b.size(2);
   TORCH_CHECK(a.size(1) == K && out.size(1) == N && out.size(0) == a.size(0) && (int64_t)counts.size() == E,
               "grouped_mm_rows: shapes");
-  std::vector<int64_t> start(E + 1, 0);
-  for (int64_t e = 0; e < E; e++) start[e + 1] = start[e] + counts[e];
-  TORCH_CHECK(start[E] == a.size(0), "grouped_mm_rows: counts must add up to the rows");
+  const std::vector<int64_t> start = expert_starts(counts, a.size(0), "grouped_mm_rows");
   const float* ap = a.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -1169,9 +1178,7 @@ void grouped_mm_weights(torch::Tensor a, torch::Tensor c, std::vector<int64_t> c
   const int64_t E = out.size(0), M = out.size(1), N = out.size(2);
   TORCH_CHECK(a.size(1) == M && c.size(1) == N && a.size(0) == c.size(0) && (int64_t)counts.size() == E,
               "grouped_mm_weights: shapes");
-  std::vector<int64_t> start(E + 1, 0);
-  for (int64_t e = 0; e < E; e++) start[e + 1] = start[e] + counts[e];
-  TORCH_CHECK(start[E] == a.size(0), "grouped_mm_weights: counts must add up to the rows");
+  const std::vector<int64_t> start = expert_starts(counts, a.size(0), "grouped_mm_weights");
   const float* ap = a.data_ptr<float>();
   const float* cp = c.data_ptr<float>();
   float* op = out.data_ptr<float>();

@@ -277,3 +277,39 @@ def test_clipping_folded_into_fused_adamw(monkeypatch):
     opt_b.step()
     for x, y in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_moe_training_steps_with_activation_checkpointing_match():
+    """Two MoE training steps (the reused buffers taken, released and taken again; under activation
+    checkpointing the recomputed forward takes them while the first forward's are gone) give the same
+    parameters with and without recomputation."""
+    import copy
+
+    import numpy as np
+
+    from qwenlab.config import preset
+    from qwenlab.model.qwen import QwenForCausalLM
+    from qwenlab.train import distributed as D
+    from qwenlab.train.data import Rows
+    from qwenlab.train.recipes import MoEConfig, OptimConfig
+    from qwenlab.train.trainer import build_optimizer, training_step
+
+    config = preset("qwen3-30b-a3b", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=16, bos_token_id=94, eos_token_id=95)
+    plain = QwenForCausalLM(config)
+    plain.init_weights(seed=0)
+    recomputed = copy.deepcopy(plain)
+    D.apply_activation_checkpointing(recomputed)
+    ids = np.random.default_rng(0).integers(0, 94, (2, 24))
+    labels = np.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    rows = Rows(ids, labels, np.tile(np.arange(24), (2, 1)), np.zeros_like(ids), np.ones_like(ids, dtype=bool))
+    for model in (plain, recomputed):
+        model.train()
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+        model.losses = [training_step(model, optimizer, rows, MoEConfig(balance="global"), 1.0, 2, D.DistInfo())["loss"]
+                        for _ in range(2)]
+    assert plain.losses == pytest.approx(recomputed.losses, rel=1e-6, abs=1e-6)
+    for x, y in zip(plain.parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@ than the composition of the plain ops, with the same values and gradients (float
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -38,18 +39,24 @@ class BufferPool:
     key whose storage nothing else references (the storage's reference count, as torch's own CUDA-graph
     pools check liveness), so a tensor still saved for backward, returned to autograd or kept by the caller
     is never written over; otherwise it allocates, and keeps the new buffer (up to ``per_key`` a key: one per
-    layer for activations saved for backward). Contents are
-    undefined, as with ``torch.empty``. Other devices, and torch builds without the reference count,
-    allocate plainly. ``clear()`` drops the kept buffers."""
+    layer for activations saved for backward). Contents are undefined, as with ``torch.empty``. Other
+    devices, and torch builds without the reference count, allocate plainly. ``clear()`` drops the kept
+    buffers (``qwenlab.train.train`` does at its end; callers of ``training_step`` keep them until they call
+    it)."""
 
     def __init__(self, per_key: int = 64):
         self.per_key = per_key
         self.buffers: dict[tuple, list[tuple[torch.Tensor, int]]] = {}  # (buffer, its storage's count when idle)
+        self.lock = threading.Lock()  # one thread's check-and-take at a time
 
     def empty(self, key: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         shape = tuple(shape)
         if torch.device(device).type != "cpu" or _storage_use_count is None:
             return torch.empty(shape, dtype=dtype, device=device)
+        with self.lock:
+            return self._take(key, shape, dtype)
+
+    def _take(self, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         size = math.prod(shape)
         kept = self.buffers.setdefault((key, dtype), [])
         for buffer, idle in kept:
@@ -68,7 +75,8 @@ class BufferPool:
         return torch.empty(size, dtype=dtype)
 
     def clear(self) -> None:
-        self.buffers.clear()
+        with self.lock:
+            self.buffers.clear()
 
 
 def _uses(buffer: torch.Tensor) -> int:

@@ -155,13 +155,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         if grad_logits.device.type == "cpu":  # the scalar goes into the GEMM's alpha: no pass over [V, H]
             alpha, zero = float(grad), grad_logits.new_zeros(())
 
-            def scaled_mm(a, b):
-                return torch.addmm(zero, a, b, beta=0, alpha=alpha)
+            def scaled_mm(a, b, role):  # into a reused buffer (BufferPool)
+                out = POOL.empty(role, (a.shape[0], b.shape[1]), a.dtype, a.device)
+                return torch.addmm(zero, a, b, beta=0, alpha=alpha, out=out)
         else:
-            def scaled_mm(a, b):
+            def scaled_mm(a, b, role):
                 return torch.mm(a, b).mul_(grad)
-        grad_hidden = scaled_mm(grad_logits, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = scaled_mm(grad_logits.t(), hidden) if ctx.needs_input_grad[1] else None
+        grad_hidden = scaled_mm(grad_logits, weight, "lm_head.grad_hidden") if ctx.needs_input_grad[0] else None
+        grad_weight = scaled_mm(grad_logits.t(), hidden, "lm_head.grad_weight") if ctx.needs_input_grad[1] else None
         return grad_hidden, grad_weight, None
 
 

@@ -740,6 +740,7 @@ inline void gemm_tn(int M, int N, int K, const float* A, int lda, const float* B
 struct AttnShape {
   int64_t B, H, KVH, n, D, offset;
   int64_t qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst;  // strides of q [B, H, n, D], k/v [B, KVH, ctx, D]
+  int64_t osb, osh, ost;  // strides of the output [B, H, n, D] (training: the [B, n, H, D] memory o_proj reads)
   const int32_t* lo = nullptr;  // [B, n] first visible key of each query (documents), or null: 0
   int64_t rows = 128;  // query rows per task, all heads of a group (prefill 128; training 64, measured)
   int64_t G() const { return H / KVH; }
@@ -767,7 +768,8 @@ std::vector<int64_t> attention_tasks(const AttnShape& s, int64_t bq, int64_t qbl
   return tasks;
 }
 
-// Forward: out [B, H, n, D] contiguous (T), lse [B, H, n] (log-sum-exp of the scaled scores) if not null.
+// Forward: out [B, H, n, D] (T, strides s.osb/osh/ost), lse [B, H, n] (log-sum-exp of the scaled scores) if not
+// null.
 template <typename T>
 // probs (training, rows of at most BK keys): the normalised probabilities of each task, [task][R][BK]
 // (task = (b * KVH + h) * qblocks + qb), zeros outside the visible keys; null: not kept.
@@ -835,7 +837,7 @@ void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T*
         for (int64_t i = 0; i < rows; i++) {
           const int64_t r = g * rows + i, row = (b * s.H + h * G + g) * n + i0 + i;
           const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-          T* dst = out + row * D;
+          T* dst = out + b * s.osb + (h * G + g) * s.osh + (i0 + i) * s.ost;
           const float* o = O.data() + r * D;
           for (int64_t d = 0; d < D; d++) store(dst + d, o[d] * inv);
           if (lse) lse[row] = m[r] + std::log(l[r]);
@@ -852,9 +854,10 @@ void attention_forward_impl(const AttnShape& s, const T* q, const T* k, const T*
 // KV head) task, for each query block and key block, P = exp(S - lse) recomputed, dP = dO . V^T,
 // dS = P * (dP - rowsum(dO * O)), dQ += dS . K, dK += dS^T . (scale Q), dV += P^T . dO.
 // With the forward's saved probabilities (one key block a task) the QK^T product and the exp are skipped.
+// out and dq have the strides s.osb/osh/ost; dout its own (gs), dk and dv theirs (ks, [B, KVH, ctx, D]).
 void attention_backward_impl(const AttnShape& s, const float* q, const float* k, const float* v, const float* out,
-                             const float* lse, const float* dout, float* dq, float* dk, float* dv, float scale,
-                             const float* probs = nullptr) {
+                             const float* lse, const float* dout, const int64_t* gs, float* dq, float* dk, float* dv,
+                             const int64_t* ks, float scale, const float* probs = nullptr) {
   const int64_t G = s.G(), D = s.D, n = s.n, bq = s.rows_per_head(), ctx = s.offset + n;
   const int64_t qblocks = (n + bq - 1) / bq;
   std::atomic<int64_t> next{0};
@@ -873,13 +876,13 @@ void attention_backward_impl(const AttnShape& s, const float* q, const float* k,
           for (int64_t i = 0; i < rows; i++) {
             const int64_t r = g * rows + i, row = (b * s.H + h * G + g) * n + i0 + i;
             const float* qs = q + b * s.qsb + (h * G + g) * s.qsh + (i0 + i) * s.qst;
-            const float* os = out + row * D;
-            const float* gs = dout + row * D;
+            const float* os = out + b * s.osb + (h * G + g) * s.osh + (i0 + i) * s.ost;
+            const float* go = dout + b * gs[0] + (h * G + g) * gs[1] + (i0 + i) * gs[2];
             float dot = 0.f;
             for (int64_t d = 0; d < D; d++) {
               Q[r * D + d] = qs[d] * scale;
-              dO[r * D + d] = gs[d];
-              dot += gs[d] * os[d];
+              dO[r * D + d] = go[d];
+              dot += go[d] * os[d];
             }
             Dr[r] = dot;
             L[r] = lse[row];
@@ -928,11 +931,13 @@ void attention_backward_impl(const AttnShape& s, const float* q, const float* k,
         for (int64_t g = 0; g < G; g++)
           for (int64_t i = 0; i < rows; i++) {
             const int64_t r = g * rows + i;
-            std::memcpy(dq + ((b * s.H + h * G + g) * n + i0 + i) * D, dQ.data() + r * D, sizeof(float) * D);
+            std::memcpy(dq + b * s.osb + (h * G + g) * s.osh + (i0 + i) * s.ost, dQ.data() + r * D, sizeof(float) * D);
           }
       }
-      std::memcpy(dk + (b * s.KVH + h) * ctx * D, dK.data(), sizeof(float) * ctx * D);
-      std::memcpy(dv + (b * s.KVH + h) * ctx * D, dV.data(), sizeof(float) * ctx * D);
+      for (int64_t c = 0; c < ctx; c++) {
+        std::memcpy(dk + b * ks[0] + h * ks[1] + c * ks[2], dK.data() + c * D, sizeof(float) * D);
+        std::memcpy(dv + b * ks[0] + h * ks[1] + c * ks[2], dV.data() + c * D, sizeof(float) * D);
+      }
     }
   });
 }
@@ -952,6 +957,7 @@ AttnShape attention_shape(const torch::Tensor& q, const torch::Tensor& k, const 
   s.qsb = q.stride(0); s.qsh = q.stride(1); s.qst = q.stride(2);
   s.ksb = k.stride(0); s.ksh = k.stride(1); s.kst = k.stride(2);
   s.vsb = v.stride(0); s.vsh = v.stride(1); s.vst = v.stride(2);
+  s.ost = s.D; s.osh = s.n * s.D; s.osb = s.H * s.n * s.D;  // contiguous [B, H, n, D] unless a caller changes it
   return s;
 }
 }  // namespace
@@ -988,7 +994,10 @@ std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, t
   auto lo = first_key.numel() ? first_key.to(at::kInt).contiguous() : first_key;
   TORCH_CHECK(!lo.numel() || (lo.dim() == 2 && lo.size(0) == s.B && lo.size(1) == s.n), "attention_forward: first_key must be [B, S]");
   if (lo.numel()) s.lo = lo.data_ptr<int32_t>();
-  auto out = torch::empty({s.B, s.H, s.n, s.D}, q.options());
+  // out [B, H, S, D] as a view of [B, S, H, D] memory: the layout o_proj reads (out.transpose(1, 2) is then
+  // contiguous, no copy), and that the gradient of out comes back in
+  auto out = torch::empty({s.B, s.n, s.H, s.D}, q.options()).transpose(1, 2);
+  s.osb = out.stride(0); s.osh = out.stride(1); s.ost = out.stride(2);
   auto lse = torch::empty({s.B, s.H, s.n}, q.options());
   // rows of at most BK keys: keep the probabilities (B * KVH * qblocks * R * BK floats, ~4 MB a layer at
   // B 4, S 256) so the backward skips the QK^T product and the exp; longer rows recompute them
@@ -1007,16 +1016,25 @@ std::vector<torch::Tensor> attention_backward(torch::Tensor q, torch::Tensor k, 
                                               torch::Tensor first_key, torch::Tensor probs) {
   AttnShape s = attention_shape(q, k, v, 0, "attention_backward");
   s.rows = TRAIN_ROWS;
-  TORCH_CHECK(q.scalar_type() == at::kFloat && out.is_contiguous() && lse.is_contiguous(), "attention_backward: float32, saved out/lse");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && lse.is_contiguous() &&
+              out.dim() == 4 && out.size(0) == s.B && out.size(1) == s.H && out.size(2) == s.n && out.size(3) == s.D,
+              "attention_backward: float32, saved out [B, H, S, D] and lse");
+  auto o = out.stride(3) == 1 && out.is_non_overlapping_and_dense() ? out : out.contiguous();
+  s.osb = o.stride(0); s.osh = o.stride(1); s.ost = o.stride(2);
   auto lo = first_key.numel() ? first_key.to(at::kInt).contiguous() : first_key;
   if (lo.numel()) s.lo = lo.data_ptr<int32_t>();
-  auto g = grad_out.to(at::kFloat).contiguous();
-  auto dq = torch::empty({s.B, s.H, s.n, s.D}, q.options());
-  auto dk = torch::empty({s.B, s.KVH, s.n, s.D}, q.options());
-  auto dv = torch::empty({s.B, s.KVH, s.n, s.D}, q.options());
-  attention_backward_impl(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(),
-                          lse.data_ptr<float>(), g.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                          dv.data_ptr<float>(), float(scale), probs.numel() ? probs.data_ptr<float>() : nullptr);
+  auto g = grad_out.to(at::kFloat);
+  if (g.stride(3) != 1) g = g.contiguous();
+  const int64_t gs[3] = {g.stride(0), g.stride(1), g.stride(2)};
+  // the gradients in the layouts of the projections that made q, k, v ([B, S, heads, D] memory): their
+  // transposes back are then contiguous
+  auto dq = torch::empty_strided(o.sizes(), o.strides(), q.options());
+  auto dk = torch::empty({s.B, s.n, s.KVH, s.D}, q.options()).transpose(1, 2);
+  auto dv = torch::empty({s.B, s.n, s.KVH, s.D}, q.options()).transpose(1, 2);
+  const int64_t ks[3] = {dk.stride(0), dk.stride(1), dk.stride(2)};
+  attention_backward_impl(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), o.data_ptr<float>(),
+                          lse.data_ptr<float>(), g.data_ptr<float>(), gs, dq.data_ptr<float>(), dk.data_ptr<float>(),
+                          dv.data_ptr<float>(), ks, float(scale), probs.numel() ? probs.data_ptr<float>() : nullptr);
   return {dq, dk, dv};
 }
 

@@ -62,7 +62,7 @@ class BufferPool:
         for buffer, idle in kept:
             if buffer.numel() >= size and _uses(buffer) <= idle:
                 return buffer[:size].view(shape)
-        buffer = self._allocate(size, dtype)
+        buffer = torch.empty(size, dtype=dtype)
         if len(kept) >= self.per_key:  # full: replace a free (too small) one, if any
             free = [i for i, (b, idle) in enumerate(kept) if _uses(b) <= idle]
             if free:
@@ -70,9 +70,6 @@ class BufferPool:
         if len(kept) < self.per_key:
             kept.append((buffer, _uses(buffer)))
         return buffer[:size].view(shape)
-
-    def _allocate(self, size: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(size, dtype=dtype)
 
     def clear(self) -> None:
         with self.lock:

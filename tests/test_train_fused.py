@@ -155,6 +155,9 @@ def test_buffer_pool_hands_out_only_buffers_nothing_else_holds():
     del loss, view, d
     e, f = take(), take()
     assert {e.data_ptr(), f.data_ptr()} == kept  # all released: both reused
+    del e, f
+    g = take((5, 8))  # larger than both, which are free: they are dropped for it
+    assert g.data_ptr() not in kept and len(pool.buffers[("k", torch.float32)]) == 1
     assert pool.empty("k", (3,), torch.float32, torch.device("meta")).device.type == "meta"  # not pooled
 
 

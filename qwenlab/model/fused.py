@@ -38,8 +38,9 @@ class BufferPool:
     ~420 ms step of the MoE benchmark model. ``empty(key, shape)`` hands out a view of a kept buffer of that
     key whose storage nothing else references (the storage's reference count, as torch's own CUDA-graph
     pools check liveness), so a tensor still saved for backward, returned to autograd or kept by the caller
-    is never written over; otherwise it allocates, and keeps the new buffer (up to ``per_key`` a key: one per
-    layer for activations saved for backward). Contents are undefined, as with ``torch.empty``. Other
+    is never written over; otherwise it allocates and keeps the new buffer in place of the free (too small)
+    ones, up to ``per_key`` buffers a key (one per layer for activations saved for backward): what is kept
+    is at most what was in use at once, as the requests grow. Contents are undefined, as with ``torch.empty``. Other
     devices, and torch builds without the reference count, allocate plainly. ``clear()`` drops the kept
     buffers (``qwenlab.train.train`` does at its end; callers of ``training_step`` keep them until they call
     it)."""
@@ -63,10 +64,7 @@ class BufferPool:
             if buffer.numel() >= size and _uses(buffer) <= idle:
                 return buffer[:size].view(shape)
         buffer = torch.empty(size, dtype=dtype)
-        if len(kept) >= self.per_key:  # full: replace a free (too small) one, if any
-            free = [i for i, (b, idle) in enumerate(kept) if _uses(b) <= idle]
-            if free:
-                kept.pop(free[0])
+        kept[:] = [(b, idle) for b, idle in kept if _uses(b) > idle]  # the free ones are too small: dropped
         if len(kept) < self.per_key:
             kept.append((buffer, _uses(buffer)))
         return buffer[:size].view(shape)

@@ -1145,6 +1145,7 @@ torch::Tensor swiglu_train_backward(torch::Tensor grad_act, torch::Tensor gu, to
 // MoE experts (training, float32) on the sgemm: rows of `a` grouped by expert, `counts` rows each in order.
 // One call instead of a Python loop of slices and matmuls (grouped_mm has no out= form); experts spread over
 // the threads (each sgemm then single-threaded).
+
 // First row of each expert's slice (E + 1 entries), checking the counts against the rows.
 std::vector<int64_t> expert_starts(const std::vector<int64_t>& counts, int64_t rows, const char* what) {
   std::vector<int64_t> start(counts.size() + 1, 0);

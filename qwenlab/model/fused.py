@@ -40,10 +40,10 @@ class BufferPool:
     pools check liveness), so a tensor still saved for backward, returned to autograd or kept by the caller
     is never written over; otherwise it allocates and keeps the new buffer in place of the free (too small)
     ones, up to ``per_key`` buffers a key (one per layer for activations saved for backward): what is kept
-    is at most what was in use at once, as the requests grow. Contents are undefined, as with ``torch.empty``. Other
-    devices, and torch builds without the reference count, allocate plainly. ``clear()`` drops the kept
-    buffers (``qwenlab.train.train`` does at its end; callers of ``training_step`` keep them until they call
-    it)."""
+    is at most what was in use at once, as the requests grow. Contents are undefined, as with
+    ``torch.empty``. Other devices, and torch builds without the reference count, allocate plainly.
+    ``clear()`` drops the kept buffers (``qwenlab.train.train`` does at its end; callers of
+    ``training_step`` keep them until they call it)."""
 
     def __init__(self, per_key: int = 64):
         self.per_key = per_key
@@ -243,7 +243,8 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ops = cpu_kernels() if x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.float32 else None
-        if ops is not None and x.dim() == 4 and cos.dim() == 3 and x.stride(-1) == 1 and cos.stride(-1) == sin.stride(-1) == 1:
+        if (ops is not None and x.dim() == 4 and cos.dim() == 3 and x.stride(-1) == 1
+                and cos.stride(-1) == sin.stride(-1) == 1):
             ctx.ops = ops  # both halves in one pass a row, in x's layout
             ctx.save_for_backward(cos, sin)
             return ops.rope_train(x, cos, sin, False)
@@ -339,7 +340,8 @@ def document_first_key(doc_ids: torch.Tensor) -> torch.Tensor | None:
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
     spans = starts.sum(1)
-    distinct = torch.tensor([int(torch.unique(row).numel()) for row in doc_ids], device=doc_ids.device)
+    ordered = doc_ids.sort(dim=1).values  # distinct ids a row, without a per-row loop
+    distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(1)
     return first.to(torch.int32) if bool((spans == distinct).all()) else None
 
 

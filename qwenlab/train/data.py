@@ -605,8 +605,8 @@ class DocumentAttention:
     """Causal attention restricted to each token's own document, for a [B, S] batch of packed rows.
 
     The model calls ``attend(layer_idx, q, k, v, scale)`` (see ``qwenlab.model.layers``); one boolean mask
-    [B, 1, S, S] is built per batch, when first needed, and shared by all layers. Rows holding a single document use the
-    plain causal kernel instead.
+    [B, 1, S, S] is built per batch, when first needed, and shared by all layers. Rows holding a single
+    document use the plain causal kernel instead.
     """
 
     def __init__(self, doc_ids):
